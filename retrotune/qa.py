@@ -1,0 +1,127 @@
+"""QA data: SQuAD JSON, JSONL or Hugging Face datasets -> `QAExample`s, split by article, cut to a data scale.
+
+Validation must never share an article with training (questions about one paragraph leak each other's answers),
+so splits are made over groups: the article title, or the part of a passage id before '#'.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class QAExample:
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    group: str  # article or document: the unit of the train/validation split
+    passage_id: str | None = None
+
+
+class QADataError(ValueError):
+    pass
+
+
+def _example(record: dict, where: str, index: int) -> QAExample:
+    for name in ("question", "answers"):
+        if name not in record:
+            raise QADataError(f"{where}: field {name!r} is missing; every QA record needs 'question' and "
+                              f"'answers' (a list of strings)")
+    answers = record["answers"]
+    if isinstance(answers, dict):  # the Hugging Face squad layout: {"text": [...], "answer_start": [...]}
+        answers = answers.get("text", [])
+    if isinstance(answers, str):
+        answers = [answers]
+    answers = tuple(a["text"] if isinstance(a, dict) else str(a) for a in answers)
+    if not answers:
+        raise QADataError(f"{where}: field 'answers' is empty; give at least one gold answer")
+    passage_id = record.get("passage_id")
+    group = record.get("title") or (passage_id.split("#")[0] if passage_id else None) or record.get("group")
+    return QAExample(id=str(record.get("id", index)), question=str(record["question"]), answers=answers,
+                     group=str(group if group is not None else index), passage_id=passage_id)
+
+
+def _read_jsonl(path: Path) -> list[QAExample]:
+    examples = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise QADataError(f"{where}: not valid JSON ({error.msg}); each line must be one JSON object") from None
+            examples.append(_example(record, where, len(examples)))
+    return examples
+
+
+def _read_squad_json(path: Path) -> list[QAExample]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if "data" not in data:
+        raise QADataError(f"{path}: no top-level 'data' list; expected the SQuAD layout "
+                          f"{{data: [{{title, paragraphs: [{{context, qas}}]}}]}}")
+    examples = []
+    for article in data["data"]:
+        for p_index, paragraph in enumerate(article.get("paragraphs", [])):
+            for qa in paragraph.get("qas", []):
+                record = {**qa, "title": article.get("title"), "passage_id": f"{article.get('title')}#{p_index}"}
+                examples.append(_example(record, f"{path}, question {qa.get('id', len(examples))}", len(examples)))
+    return examples
+
+
+def load_qa(source: str, split: str = "train") -> list[QAExample]:
+    """Read QA examples from a .jsonl/.json file, a folder holding questions.jsonl, or a `datasets` name."""
+    path = Path(source)
+    if path.is_dir() and (path / "questions.jsonl").is_file():
+        path = path / "questions.jsonl"
+    if path.is_file():
+        examples = _read_jsonl(path) if path.suffix == ".jsonl" else _read_squad_json(path)
+    elif path.suffix in (".json", ".jsonl") or path.is_dir():
+        raise QADataError(f"{path}: no such QA file; give a .jsonl of {{question, answers}}, a SQuAD .json, a folder "
+                          f"with questions.jsonl, or a Hugging Face dataset name")
+    else:
+        import datasets
+
+        rows = datasets.load_dataset(source, split=split)
+        examples = [_example(row, f"{source}[{split}] row {i}", i) for i, row in enumerate(rows)]
+    if not examples:
+        raise QADataError(f"{source}: no QA examples found")
+    return examples
+
+
+@dataclass(frozen=True)
+class QASplit:
+    train: list[QAExample]
+    validation: list[QAExample]
+    validation_groups: tuple[str, ...] = field(default=())
+
+
+def split_by_group(examples: list[QAExample], validation_groups: list[str] | None = None,
+                   validation_fraction: float = 0.25, seed: int = 0) -> QASplit:
+    """Hold out whole groups (articles); named groups if given, else a seeded share of them."""
+    groups = sorted({e.group for e in examples})
+    if validation_groups:
+        unknown = sorted(set(validation_groups) - set(groups))
+        if unknown:
+            raise QADataError(f"validation_groups {unknown} do not occur in the data; known groups: {groups[:20]}")
+        held = set(validation_groups)
+    else:
+        if len(groups) < 2:
+            raise QADataError("an article-disjoint split needs at least two articles (groups); "
+                              "give the data a 'title' or a passage_id of the form 'Title#n'")
+        shuffled = groups[:]
+        random.Random(seed).shuffle(shuffled)
+        held = set(shuffled[:max(1, round(validation_fraction * len(groups)))])
+    return QASplit(train=[e for e in examples if e.group not in held],
+                   validation=[e for e in examples if e.group in held], validation_groups=tuple(sorted(held)))
+
+
+def take(examples: list[QAExample], limit: int | None, seed: int = 0) -> list[QAExample]:
+    """A seeded random subset of `limit` examples (all when None): the data-scale axis of an experiment."""
+    if limit is None or limit >= len(examples):
+        return list(examples)
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return [examples[i] for i in chosen]
