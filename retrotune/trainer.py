@@ -1,0 +1,288 @@
+"""The training loop shared by both stages and both models: accelerate (so `torchrun`/`accelerate launch` runs it
+data-parallel), gradient accumulation, mixed precision on GPU, LR schedules, periodic validation, early stopping,
+atomic checkpoints that resume onto the same loss curve, and metrics as JSONL, CSV, TensorBoard and a PNG.
+
+A checkpoint holds only what is trained (the parameters with requires_grad), the optimiser, scheduler and RNG
+states, the loop position, the fully resolved run config and the hash of the index it was trained against.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from retrotune.config import TrainConfig
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class FitResult:
+    steps: int
+    history: list[dict]
+    seconds: float
+    stopped_early: bool
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint; a half-written one never has its final name (see `_save_checkpoint`)."""
+    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.json").is_file()]
+    return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+def _save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict, run_config: dict) -> Path:
+    target = output_dir / f"{CHECKPOINT_PREFIX}{state['step']}"
+    staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=output_dir))
+    try:
+        save_file(trainable_state(model), str(staging / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+                   staging / "optimizer.pt")
+        (staging / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
+        (staging / "state.json").write_text(json.dumps(state, indent=2))  # last: marks the folder complete
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_trainable(model: torch.nn.Module, path: Path) -> None:
+    """Load trained parameters into `model`, refusing a checkpoint of another set of parameters or shapes."""
+    saved = load_file(str(path))
+    expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not hold this model's trainable parameters (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}); it was saved for another model or PEFT method")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            if expected[name].shape != tensor.shape:
+                raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                                      f"{tuple(expected[name].shape)}; it was saved for another base model")
+            expected[name].copy_(tensor)
+
+
+def _check_resumable(checkpoint: Path, run_config: dict) -> None:
+    saved = json.loads((checkpoint / "config.json").read_text())
+    for key in ("model", "stage", "decoder", "peft", "retro", "index_hash"):
+        if saved.get(key) != run_config.get(key):
+            raise CheckpointError(f"{checkpoint} was written by a run with {key}={saved.get(key)!r}, this run has "
+                                  f"{key}={run_config.get(key)!r}; resume with the same config or pick a new output_dir")
+
+
+class _Metrics:
+    """Appends rows to metrics.jsonl and TensorBoard as they come; CSV and the PNG are written at the end."""
+
+    def __init__(self, output_dir: Path, enabled: bool):
+        self.path, self.enabled = output_dir / "metrics.jsonl", enabled
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def history(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, forget rows logged after the checkpoint so the curve is not doubled."""
+        if self.enabled and self.path.is_file():
+            kept = [row for row in self.history() if row["step"] <= step]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.writer.close()
+        rows = self.history()
+        keys = sorted({key for row in rows for key in row}, key=lambda k: (k != "step", k))
+        with (self.path.parent / "metrics.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        plot_learning_curve(rows, self.path.parent / "learning_curve.png")
+
+
+def plot_learning_curve(rows: list[dict], path: Path, title: str | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for key, style in (("loss", "-"), ("val_loss", "o-")):
+        points = [(row["step"], row[key]) for row in rows if key in row]
+        if points:
+            axis.plot(*zip(*points), style, label=key.replace("_", " "))
+    axis.set_xlabel("optimiser step")
+    axis.set_ylabel("loss")
+    axis.set_title(title or path.parent.name)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def fit(model: torch.nn.Module, train_set: Sequence, collate: Callable, loss_fn: Callable, config: TrainConfig,
+        output_dir: str | Path, run_config: dict, validate: Callable | None = None, resume: bool = True) -> FitResult:
+    """Train the parameters of `model` that require grad on `train_set` until `config.max_steps` optimiser steps.
+
+    `loss_fn(model, batch) -> scalar loss`; `validate(model) -> {"val_loss": ..., ...}` runs every `eval_every` steps
+    and at the end. `run_config` is stored with each checkpoint; resuming is refused if it differs in substance.
+    """
+    import time
+
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not len(train_set):
+        raise ValueError("the training set is empty: check data.qa, data.train_size and the validation split")
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if precision != "fp32" and not torch.cuda.is_available():
+        raise ValueError(f"train.precision={precision} needs a GPU; use fp32 (or auto) on CPU")
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum,
+                              mixed_precision={"fp32": "no"}.get(precision, precision))
+    torch.manual_seed(config.seed)
+    if config.gradient_checkpointing:
+        base = getattr(model, "base", model)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("no parameter requires grad: the PEFT method or stage left nothing to train")
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps,
+                              num_training_steps=config.max_steps)
+    metrics = _Metrics(output_dir, accelerator.is_main_process)
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_val_loss": None, "bad_evals": 0, "seconds": 0.0}
+    checkpoint = latest_checkpoint(output_dir) if resume else None
+    if checkpoint is not None:
+        _check_resumable(checkpoint, run_config)
+        load_trainable(model, checkpoint / "trainable.safetensors")
+        saved = torch.load(checkpoint / "optimizer.pt", weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = json.loads((checkpoint / "state.json").read_text())
+        metrics.truncate_after(state["step"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if checkpoint is not None:
+        _set_rng_state(saved["rng"])
+
+    def epoch_loader(epoch: int):
+        # The order of an epoch depends only on (seed, epoch), so a resumed run sees the same batches.
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+        loader = torch.utils.data.DataLoader([train_set[i] for i in order.tolist()], batch_size=config.batch_size,
+                                             shuffle=False, collate_fn=collate, drop_last=len(train_set) >= config.batch_size)
+        return accelerator.prepare_data_loader(loader)
+
+    last_good = checkpoint
+    stopped_early = False
+    started = time.perf_counter() - state["seconds"]
+    progress = tqdm(total=config.max_steps, initial=state["step"], desc=f"train {output_dir.name}",
+                    disable=not accelerator.is_main_process)
+    model.train()
+    while state["step"] < config.max_steps and not stopped_early:
+        loader = epoch_loader(state["epoch"])
+        batches = accelerator.skip_first_batches(loader, state["batches_in_epoch"]) if state["batches_in_epoch"] else loader
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = loss_fn(model, batch)
+                if not bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()):
+                    progress.close()
+                    where = f"the last good checkpoint, {last_good}, is intact" if last_good else "no checkpoint was written yet"
+                    raise NonFiniteLossError(f"the loss became {loss.item()} at step {state['step'] + 1}; {where}. "
+                                             f"Lower train.lr or set train.max_grad_norm, then resume.")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            state["batches_in_epoch"] += 1
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            state["step"] += 1
+            row = {"step": state["step"], "loss": accelerator.gather(loss.detach().reshape(1)).mean().item(),
+                   "lr": scheduler.get_last_lr()[0]}
+            progress.update(1)
+            progress.set_postfix(loss=f"{row['loss']:.4f}")
+            done = state["step"] >= config.max_steps
+            if validate is not None and (state["step"] % config.eval_every == 0 or done):
+                model.eval()
+                row.update(validate(accelerator.unwrap_model(model)))
+                model.train()
+                if state["best_val_loss"] is None or row["val_loss"] < state["best_val_loss"]:
+                    state["best_val_loss"], state["bad_evals"] = row["val_loss"], 0
+                else:
+                    state["bad_evals"] += 1
+                patience = config.early_stopping_patience
+                stopped_early = patience is not None and state["bad_evals"] >= patience
+            metrics.log(row)
+            state["seconds"] = time.perf_counter() - started
+            if accelerator.is_main_process and (state["step"] % config.save_every == 0 or done or stopped_early):
+                last_good = _save_checkpoint(output_dir, accelerator.unwrap_model(model), optimizer, scheduler,
+                                             state, run_config)
+            accelerator.wait_for_everyone()
+            if done or stopped_early:
+                break
+        else:
+            state["epoch"] += 1
+            state["batches_in_epoch"] = 0
+    progress.close()
+    metrics.close()
+    return FitResult(steps=state["step"], history=metrics.history(), seconds=state["seconds"],
+                     stopped_early=stopped_early)
