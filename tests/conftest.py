@@ -15,19 +15,19 @@ TINY_VOCAB = 96
 TINY_FAMILIES = ("llama", "gpt2", "gpt_neox")
 
 
-def tiny_config(family: str, n_layer: int = 4, hidden: int = 32, heads: int = 4):
+def tiny_config(family: str, n_layer: int = 4, hidden: int = 32, heads: int = 4, vocab_size: int = TINY_VOCAB):
     """A small config of `family`; every later model test is parametrised over `TINY_FAMILIES`."""
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
 
     if family == "llama":
-        return LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                            num_hidden_layers=n_layer, num_attention_heads=heads, num_key_value_heads=heads // 2,
                            max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=0)
     if family == "gpt2":
-        return GPT2Config(vocab_size=TINY_VOCAB, n_embd=hidden, n_layer=n_layer, n_head=heads, n_positions=512,
+        return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=n_layer, n_head=heads, n_positions=512,
                           pad_token_id=0)
     if family == "gpt_neox":
-        return GPTNeoXConfig(vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                              num_hidden_layers=n_layer, num_attention_heads=heads, max_position_embeddings=512,
                              rotary_pct=0.5, pad_token_id=0)
     raise ValueError(f"unknown tiny family {family!r}; choose one of {TINY_FAMILIES}")

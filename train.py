@@ -1,0 +1,38 @@
+"""Train RETRO or the GPT baseline: `retrofit` (RETRO's added layers on corpus text) or `finetune` (QA, any PEFT method).
+
+    python train.py configs/finetune_retro_lora.yaml
+    python train.py configs/finetune_gpt_lora.yaml train.max_steps=200 peft.r=16 output_dir=runs/gpt-r16
+    torchrun --nproc_per_node 4 train.py configs/finetune_gpt_lora.yaml     # data-parallel on 4 GPUs
+
+Re-running the same command resumes from the newest checkpoint in output_dir.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from retrotune.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="a YAML run config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested fields: train.lr=3e-4")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        parser.error(str(error))
+    from retrotune.models import default_device
+    from retrotune.runs import train_run
+
+    summary = train_run(config, device=args.device or default_device())
+    print(json.dumps({"output_dir": config.output_dir, "steps": summary["steps"],
+                      "trainable_parameters": summary["trainable_parameters"], "last": summary["last"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
