@@ -114,7 +114,7 @@ def read_hf_dataset(path: str, split: str = "train", id_field: str | None = "id"
     import datasets
 
     p = Path(path)
-    if p.is_dir() and (p / "dataset_info.json").exists() or (p / "state.json").exists():
+    if p.is_dir() and any((p / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
         ds = datasets.load_from_disk(str(p))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
@@ -143,8 +143,8 @@ def load_corpus(spec: CorpusSpec) -> list[Document]:
     path, fmt = Path(spec.path), spec.format
     if fmt == "auto":
         if path.is_dir():
-            fmt = "beir" if (path / "corpus.jsonl").exists() else ("hf" if (path / "dataset_info.json").exists()
-                                                                   else "txt")
+            saved = any((path / n).exists() for n in ("dataset_info.json", "dataset_dict.json"))
+            fmt = "beir" if (path / "corpus.jsonl").exists() else ("hf" if saved else "txt")
         elif path.suffix == ".jsonl":
             fmt = "beir" if path.name == "corpus.jsonl" else "jsonl"
         else:

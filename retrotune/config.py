@@ -43,6 +43,11 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        for name in ("lr", "weight_decay", "max_grad_norm"):
+            try:
+                setattr(self, name, float(getattr(self, name)))
+            except (TypeError, ValueError):
+                raise ConfigError(f"train.{name} must be a number, got {getattr(self, name)!r}") from None
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every"):
             _need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
                   f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -79,6 +84,7 @@ class RunConfig:
     embedder: str = "minilm"
     index: str = "indexes/squad-demo"
     output_dir: str = "runs/default"
+    neighbours_cache: str | None = None  # where question neighbours are stored; default OUTPUT_DIR/neighbours
     init_from: str | None = None  # a retro-fit run's output folder, to fine-tune from its RETRO weights
     neighbours: int = 2  # K, the same for both models
     retro: dict = field(default_factory=dict)  # RetroConfig fields
@@ -114,7 +120,13 @@ def _build(cls, values: dict, where: str):
 
 
 def _parse_value(text: str):
-    return yaml.safe_load(text)
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:

@@ -130,8 +130,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def qa_data(config: RunConfig, retriever, cache_dir: Path):
-    """(train records, validation records) with neighbours, split by article, cut to the configured data scale."""
+def qa_split(config: RunConfig):
+    """(train, validation) QA examples, split by article and cut to the configured data scale."""
     examples = load_qa(config.data.qa)
     split = split_by_group(examples, config.data.validation_groups, config.data.validation_fraction, config.train.seed)
     train = take(split.train, config.data.train_size, config.train.seed)
@@ -141,11 +141,16 @@ def qa_data(config: RunConfig, retriever, cache_dir: Path):
                          f"{list(split.validation_groups)}); give more articles or fewer validation_groups")
     if not validation:
         raise ValueError(f"{config.data.qa}: the validation split is empty; set data.validation_groups")
-    records = []
-    for part in (train, validation):
-        neighbours = pipeline.question_neighbours(retriever, part, config.neighbours, cache_dir)
-        records.append(pipeline.qa_records(part, neighbours, with_answers=True))
-    return records[0], records[1]
+    return train, validation
+
+
+def neighbours_cache(config: RunConfig) -> Path:
+    return Path(config.neighbours_cache or Path(config.output_dir) / "neighbours")
+
+
+def with_neighbours(config: RunConfig, retriever, examples) -> list[dict]:
+    neighbours = pipeline.question_neighbours(retriever, examples, config.neighbours, neighbours_cache(config))
+    return pipeline.qa_records(examples, neighbours, with_answers=True)
 
 
 # ---- training ----
@@ -179,7 +184,7 @@ def train_run(config: RunConfig, device: str | None = None) -> dict:
             return {"val_loss": mean_loss(m, val_batches, keys),
                     "val_loss_base": mean_loss(m, val_batches, keys, drop_neighbours=True)}
     else:
-        train_set, val_set = qa_data(config, retriever, output_dir / "neighbours")
+        train_set, val_set = (with_neighbours(config, retriever, part) for part in qa_split(config))
         qa = pipeline.qa_interface(config, model, tokenizer, retriever)
         collate = qa.encode_batch
         val_batches = [collate(val_set[i:i + bs]) for i in range(0, len(val_set), bs)]
@@ -193,7 +198,8 @@ def train_run(config: RunConfig, device: str | None = None) -> dict:
     result = fit(model, train_set, collate, make_loss(config.model), config.train, output_dir, run_config,
                  validate=validate)
     if config.stage == "retrofit":
-        counts = {"total": sum(p.numel() for p in model.retro_parameters())}
+        retro = sum(p.numel() for p in model.retro_parameters())
+        counts = {"retro": retro, "trainable": retro, "total": sum(p.numel() for p in model.parameters())}
     else:
         counts = count_trainable(model)
     summary = {"identity": identity, "config": config.to_dict(), "trainable_parameters": counts,

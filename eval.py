@@ -1,0 +1,98 @@
+"""Evaluate RETRO and the GPT baseline on open-domain QA, or run a whole side-by-side experiment.
+
+    python eval.py experiment configs/demo.yaml          # index, zero-shot, retro-fit, fine-tuning, table
+    python eval.py zero-shot configs/finetune_gpt_lora.yaml   # GPT closed-book, GPT + neighbours, RETRO
+    python eval.py checkpoint runs/gpt-lora              # a trained run on its validation questions
+
+Scores: SQuAD exact match and F1, ROUGE-L, and answer recall@k of the neighbours (is the answer in what was
+retrieved?), which tells reader errors from retriever errors. Predictions are saved as JSONL beside the scores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from retrotune.config import ConfigError
+
+
+def _experiment(args) -> int:
+    from retrotune.experiment import load_experiment, run_experiment
+
+    started = time.perf_counter()
+    results = run_experiment(load_experiment(args.file, args.overrides))
+    print(results["table"])
+    print(f"\nfinished in {(time.perf_counter() - started) / 60:.1f} min; results in "
+          f"{load_experiment(args.file, args.overrides).output_dir}/results.md")
+    return 0
+
+
+def _zero_shot(args) -> int:
+    from retrotune.experiment import ExperimentConfig, markdown_table, zero_shot_rows
+    from retrotune.config import load_config
+
+    config = load_config(args.file, args.overrides)
+    out = Path(args.out or Path(config.output_dir) / "zero-shot-eval")
+    run = {k: v for k, v in config.to_dict().items() if k not in ("stage", "model", "init_from")}
+    exp = ExperimentConfig(output_dir=str(out), run=run, corpus=None, zero_shot=args.models)
+    retrofit_dir = Path(args.retro_weights) if args.retro_weights else None
+    rows = zero_shot_rows(exp, out, retrofit_dir)
+    print(markdown_table(rows))
+    return 0
+
+
+def _checkpoint(args) -> int:
+    from retrotune.qa import load_qa, take
+    from retrotune.runs import evaluate_qa, load_trained, qa_split, with_neighbours, write_jsonl
+    from retrotune import pipeline
+
+    qa, summary, retriever = load_trained(Path(args.run), config_index=args.index)
+    from retrotune.config import RunConfig
+
+    config = RunConfig(**{**summary["config"], **({"index": args.index} if args.index else {})})
+    out = Path(args.run) / "eval"
+    if args.qa:
+        examples = take(load_qa(args.qa), args.limit)
+        records = pipeline.qa_records(examples, pipeline.question_neighbours(retriever, examples, config.neighbours,
+                                                                              out / "neighbours"), with_answers=False)
+    else:
+        records = with_neighbours(config, retriever, qa_split(config)[1][:args.limit])
+    scores, rows = evaluate_qa(qa, records, config.train.batch_size, config.max_new_tokens, config.neighbours)
+    write_jsonl(out / "predictions.jsonl", rows)
+    (out / "scores.json").write_text(json.dumps(scores, indent=2))
+    print(json.dumps(scores, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    experiment = commands.add_parser("experiment", help="run (or resume) an experiment YAML and print its table")
+    experiment.add_argument("file")
+    experiment.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.train.max_steps=10")
+    experiment.set_defaults(handler=_experiment)
+    zero = commands.add_parser("zero-shot", help="evaluate the untrained models of a run config")
+    zero.add_argument("file", help="a run config YAML (its index, data and decoder are used)")
+    zero.add_argument("overrides", nargs="*")
+    zero.add_argument("--models", nargs="+", default=["gpt_closed_book", "gpt", "retro"],
+                      choices=["gpt_closed_book", "gpt", "retro"])
+    zero.add_argument("--retro-weights", help="a retro-fit run folder whose RETRO weights to evaluate")
+    zero.add_argument("--out", help="output folder (default: OUTPUT_DIR/zero-shot-eval)")
+    zero.set_defaults(handler=_zero_shot)
+    checkpoint = commands.add_parser("checkpoint", help="evaluate a trained run")
+    checkpoint.add_argument("run", help="the run's output_dir (holding final/)")
+    checkpoint.add_argument("--index", help="evaluate against this index (refused unless it is the training index)")
+    checkpoint.add_argument("--qa", help="other QA questions to evaluate on (default: the run's validation split)")
+    checkpoint.add_argument("--limit", type=int, help="evaluate only the first N questions")
+    checkpoint.set_defaults(handler=_checkpoint)
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        parser.error(str(error))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""PEFT methods for any causal LM or RETRO model: one registry, one `apply_peft`, one record of owned parameters.
+
+    model = apply_peft(model, peft_config_from_dict({"method": "lora", "r": 8}))
+    optimiser = torch.optim.AdamW(trainable_parameters(model))
+    print(count_trainable(model))          # exact counts by kind
+    save_peft(model, "runs/x/adapter")     # later: load_peft(fresh_base, "runs/x/adapter")
+
+Adding a method: write its config (a `MethodConfig` with a `method` name) and `apply(model, config) ->
+(model, [(parameter, kind), ...])`, then add one `register_method` line below.
+"""
+from .adapters import AdapterConfig, apply_adapter
+from .checkpoint import load_peft, save_peft
+from .core import (KINDS, MethodConfig, PeftRecord, count_trainable, get_record, owned_parameters,
+                   trainable_parameters)
+from .full import FullConfig, apply_full
+from .lora import IA3Config, LoRAConfig, apply_ia3, apply_lora
+from .loretta import LorettaAdpConfig, LorettaRepConfig, apply_loretta_adp, apply_loretta_rep
+from .ptuning import PTuningConfig, PTuningModel, apply_ptuning
+from .registry import (METHODS, apply_peft, known_methods, merge_peft, peft_config_from_dict, register_method,
+                       unmerge_peft)
+from .targets import PRESETS, is_retro, resolve_targets
+
+register_method(LoRAConfig, apply_lora, mergeable=True)
+register_method(IA3Config, apply_ia3, mergeable=True)
+register_method(PTuningConfig, apply_ptuning)
+register_method(AdapterConfig, apply_adapter)
+register_method(LorettaAdpConfig, apply_loretta_adp)
+register_method(LorettaRepConfig, apply_loretta_rep, mergeable=True)
+register_method(FullConfig, apply_full)
+
+__all__ = [
+    "apply_peft", "peft_config_from_dict", "register_method", "known_methods", "METHODS", "MethodConfig",
+    "LoRAConfig", "IA3Config", "PTuningConfig", "PTuningModel", "AdapterConfig", "LorettaAdpConfig",
+    "LorettaRepConfig", "FullConfig", "count_trainable", "trainable_parameters", "owned_parameters", "get_record",
+    "PeftRecord", "KINDS", "save_peft", "load_peft", "merge_peft", "unmerge_peft", "resolve_targets", "PRESETS",
+    "is_retro",
+]

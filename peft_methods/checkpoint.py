@@ -1,0 +1,77 @@
+"""Adapter-only checkpoints: save what a method owns, load it back onto the base model it was trained on.
+
+Takes an adapted model (from `apply_peft`) and a directory. Every checkpoint holds `peft_method.json` (our method
+name, its config, a fingerprint of the base model). LoRA and IA3 on a plain HF model are also written in the
+HF PEFT format (`adapter_config.json` + `adapter_model.safetensors`, loadable by `peft.PeftModel.from_pretrained`);
+every other method writes `peft_weights.safetensors`, which HF peft cannot mistake for one of its own adapters.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .core import count_trainable, get_record, owned_parameters
+from .registry import apply_peft, peft_config_from_dict
+
+META_FILE = "peft_method.json"
+WEIGHTS_FILE = "peft_weights.safetensors"
+HF_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def save_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
+    """Write the method's own parameters and its config to `directory` (created if needed)."""
+    record = get_record(model)
+    if record.merged:
+        raise ValueError("the adapter is merged into the base weights; call unmerge_peft(model) before saving it")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if record.hf_format:
+        model.save_pretrained(str(directory))
+    else:
+        state = {name: param.detach().to("cpu").contiguous() for name, param, _ in owned_parameters(model)}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"method": record.method})
+    meta = {"method": record.method, "config": record.config.to_dict(), "fingerprint": record.fingerprint,
+            "format": "hf-peft" if record.hf_format else "safetensors", "counts": count_trainable(model)}
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def load_peft(base_model: nn.Module, directory: Union[str, Path], method: Optional[str] = None) -> nn.Module:
+    """Rebuild the method on a fresh `base_model` and load the saved parameters; refuse a different base model."""
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} is missing: {directory} was not written by peft_methods.save_peft")
+    meta = json.loads(meta_path.read_text())
+    if method is not None and meta["method"] != method:
+        raise ValueError(f"{meta_path}: holds method {meta['method']!r}, not the {method!r} that was asked for")
+    config = peft_config_from_dict(meta["config"], where=str(meta_path))
+    model = apply_peft(base_model, config)
+    record = get_record(model)
+    if record.fingerprint != meta["fingerprint"]:
+        raise ValueError(f"{meta_path}: this adapter was trained on a different base model (fingerprint "
+                         f"{meta['fingerprint']}, this model {record.fingerprint}); load the base it was trained on")
+    if meta["format"] == "hf-peft":
+        state = load_file(str(directory / HF_WEIGHTS_FILE))
+        result = set_peft_model_state_dict(model, state)
+        if result.unexpected_keys or len(state) != len(record.owned):
+            raise ValueError(f"{directory / HF_WEIGHTS_FILE}: holds {len(state)} tensors for {len(record.owned)} "
+                             f"adapter parameters (unexpected: {result.unexpected_keys[:5]})")
+        return model
+    state = load_file(str(directory / WEIGHTS_FILE))
+    missing, unexpected = sorted(set(record.owned) - set(state)), sorted(set(state) - set(record.owned))
+    shapes = dict((name, tuple(param.shape)) for name, param, _ in owned_parameters(model))
+    reshaped = sorted(n for n in set(state) & set(shapes) if tuple(state[n].shape) != shapes[n])
+    if missing or unexpected or reshaped:
+        raise ValueError(f"{directory / WEIGHTS_FILE}: does not match method {meta['method']!r} on this model "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}, other shape {reshaped[:5]})")
+    with torch.no_grad():
+        for name, param, _ in owned_parameters(model):
+            param.copy_(state[name])
+    return model

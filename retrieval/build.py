@@ -1,0 +1,126 @@
+"""Index build: Documents + decoder tokenizer + SentenceTransformer -> an index directory `indexes/NAME/`.
+
+  chunks/       chunk database (see chunks.py)
+  embeddings/   resumable shards of normalised chunk vectors (see embed.py)
+  index.faiss   the FAISS index over all chunk vectors
+  build.json    the settings of a build in progress (a rerun with other settings is refused, not mixed)
+  manifest.json written last and atomically; without it the directory is not an index
+
+Rerunning an interrupted build with the same settings resumes it: a finished chunk database and every finished
+embedding shard are reused.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import faiss
+
+from .chunks import ChunkDB, chunk_documents, write_chunk_db
+from .corpus import Document, corpus_hash
+from .embed import default_devices, embed_chunk_db, load_embeddings
+from .index import IndexConfig, build_faiss_index
+from .manifest import (FORMAT_VERSION, MANIFEST, IncompleteIndexError, embedder_dimension, embedder_fingerprint,
+                       embedder_name, read_manifest, tokenizer_fingerprint, tokenizer_name, write_json_atomic)
+
+
+class BuildSettingsError(RuntimeError):
+    """The directory holds a finished index or a partial build with other settings."""
+
+
+@dataclass
+class BuildConfig:
+    chunk_size: int = 64  # decoder tokens per chunk (RETRO's m); a neighbour is 2m tokens
+    batch_size: int = 64  # embedder batch size
+    shard_size: int = 8192  # chunks per embedding shard: the unit of resumption
+    with_title: bool = True  # embed "title\nchunk text" when documents have titles
+    index: IndexConfig = field(default_factory=IndexConfig)
+    devices: list[str] | None = None  # embedding worker devices; None: every GPU if more than one, else in-process
+    overwrite: bool = False  # delete a finished index or a partial build with other settings first
+
+    def __post_init__(self):
+        if self.chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive number of tokens, got {self.chunk_size}")
+        if self.batch_size <= 0 or self.shard_size <= 0:
+            raise ValueError(f"batch_size and shard_size must be positive, got {self.batch_size}, {self.shard_size}")
+        if isinstance(self.index, dict):
+            self.index = IndexConfig(**self.index)
+
+
+def build_index(docs: Sequence[Document], directory: str | Path, *, tokenizer, embedder,
+                config: BuildConfig | None = None, tokenizer_alias: str | None = None,
+                embedder_alias: str | None = None, progress: bool = True) -> dict:
+    """Build (or resume) an index of `docs` in `directory`; returns the manifest. The aliases are the names the
+    CLI resolved (e.g. 'smollm2-135m'), recorded so `search`/`eval` can load the same models again."""
+    cfg = config or BuildConfig()
+    d = Path(directory)
+    if cfg.overwrite and d.exists():
+        shutil.rmtree(d)
+    if (d / MANIFEST).exists():
+        raise BuildSettingsError(f"{d} already holds a finished index; pass --overwrite (overwrite=True) to "
+                                 f"rebuild it, or pick another name")
+    if not docs:
+        raise ValueError("the corpus is empty: nothing to index")
+    started = time.time()
+    settings = {
+        "corpus_hash": corpus_hash(docs), "num_documents": len(docs), "chunk_size": cfg.chunk_size,
+        "tokenizer": {"name": tokenizer_alias or tokenizer_name(tokenizer),
+                      "fingerprint": tokenizer_fingerprint(tokenizer)},
+        "embedder": {"name": embedder_alias or embedder_name(embedder), "fingerprint": embedder_fingerprint(embedder),
+                     "dimension": embedder_dimension(embedder)},
+        "with_title": cfg.with_title, "shard_size": cfg.shard_size,
+    }
+    _check_or_record_settings(d, settings)
+
+    if not (d / "chunks" / "info.json").exists():
+        records = chunk_documents(docs, tokenizer, cfg.chunk_size, progress=progress)
+        write_chunk_db(d / "chunks", records, docs, {"corpus_hash": settings["corpus_hash"],
+                                                    "tokenizer": settings["tokenizer"]})
+    db = ChunkDB(d / "chunks")
+    embed_chunk_db(db, embedder, d / "embeddings", shard_size=cfg.shard_size, batch_size=cfg.batch_size,
+                   with_title=cfg.with_title, progress=progress,
+                   devices=cfg.devices if cfg.devices is not None else default_devices(),
+                   state={"embedder": settings["embedder"]["fingerprint"], "corpus_hash": settings["corpus_hash"],
+                          "tokenizer": settings["tokenizer"]["fingerprint"], "chunk_size": cfg.chunk_size})
+    vectors = load_embeddings(d / "embeddings", len(db))
+    index, factory, nprobe, recall = build_faiss_index(vectors, cfg.index, progress=progress)
+    tmp = d / "index.faiss.tmp"
+    faiss.write_index(index, str(tmp))
+    tmp.replace(d / "index.faiss")
+
+    manifest = {
+        "kind": "index", "format_version": FORMAT_VERSION, **settings,
+        "factory": factory, "nprobe": nprobe, "tuned_recall_at_10": recall,
+        "num_chunks": len(db), "num_vectors": int(index.ntotal),
+        "build_seconds": round(time.time() - started, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_json_atomic(d / MANIFEST, manifest)
+    return manifest
+
+
+def _check_or_record_settings(d: Path, settings: dict) -> None:
+    path = d / "build.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise BuildSettingsError(f"{d} holds an unfinished build with other settings ({', '.join(diff)}); "
+                                     f"rerun with the original settings to resume, or pass --overwrite")
+    else:
+        d.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, settings)
+
+
+def is_index(directory: str | Path) -> bool:
+    try:
+        read_manifest(directory)
+        return True
+    except IncompleteIndexError:
+        return False
+
+
+__all__ = ["BuildConfig", "BuildSettingsError", "build_index", "is_index"]

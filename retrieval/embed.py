@@ -1,0 +1,119 @@
+"""Embedding: a ChunkDB + a SentenceTransformer -> L2-normalised float32 vectors in resumable shards.
+
+Shard s holds the vectors of chunks [s * shard_size, (s + 1) * shard_size) in `embeddings/shard_SSSSS.npy`, each
+written through a temporary file and `os.replace`, so after an interruption every shard on disk is whole and a
+rerun embeds only the missing ones. `embeddings/state.json` pins what the shards were made from; a rerun with a
+different embedder, chunk database or shard size is refused instead of mixing vectors.
+
+What gets embedded for a chunk: its text, prefixed with its document's title and a newline when the corpus has
+titles and `with_title` is on (BEIR's convention for title + text; a 64-token chunk often lacks the subject that
+the title names). Queries are embedded as they are.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .chunks import ChunkDB
+from .manifest import write_json_atomic
+
+
+class EmbeddingStateError(RuntimeError):
+    """Shards on disk were made with other settings; resuming would mix incompatible vectors."""
+
+
+def encode_texts(embedder, texts: Sequence[str], batch_size: int = 64, pool=None) -> np.ndarray:
+    """(N,) texts -> (N, D) float32, L2-normalised (inner product = cosine)."""
+    if not texts:
+        return np.zeros((0, _dim(embedder)), np.float32)
+    vecs = embedder.encode(list(texts), batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True,
+                           normalize_embeddings=True, pool=pool)
+    return np.ascontiguousarray(vecs, dtype=np.float32)
+
+
+def _dim(embedder) -> int:
+    getter = getattr(embedder, "get_embedding_dimension", None) or embedder.get_sentence_embedding_dimension
+    return int(getter())
+
+
+def default_devices() -> list[str] | None:
+    """Several CUDA devices -> one worker process each; otherwise None (encode in this process)."""
+    import torch
+
+    n = torch.cuda.device_count()
+    return [f"cuda:{i}" for i in range(n)] if n > 1 else None
+
+
+def shard_path(directory: Path, s: int) -> Path:
+    return directory / f"shard_{s:05d}.npy"
+
+
+def embed_chunk_db(db: ChunkDB, embedder, directory: str | Path, *, state: dict, shard_size: int = 8192,
+                   batch_size: int = 64, with_title: bool = True, devices: list[str] | None = None,
+                   progress: bool = True, encode: Callable | None = None) -> int:
+    """Embed every chunk of `db` into shards under `directory`, skipping shards already there. Returns the number
+    of shards encoded in this call. `state` identifies the inputs (embedder and chunk fingerprints)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {**state, "shard_size": shard_size, "with_title": with_title, "num_chunks": len(db)}
+    state_path = d / "state.json"
+    if state_path.exists():
+        old = json.loads(state_path.read_text())
+        if old != state:
+            diff = sorted(k for k in set(old) | set(state) if old.get(k) != state.get(k))
+            raise EmbeddingStateError(f"{d}: embeddings on disk were made with different settings ({', '.join(diff)});"
+                                      f" pass --overwrite (overwrite=True) to rebuild from scratch")
+    else:
+        write_json_atomic(state_path, state)
+
+    n_shards = (len(db) + shard_size - 1) // shard_size
+    todo = [s for s in range(n_shards) if not shard_path(d, s).exists()]
+    encode = encode or encode_texts
+    pool = embedder.start_multi_process_pool(devices) if devices else None
+    done_chunks = len(db) - sum(min(shard_size, len(db) - s * shard_size) for s in todo)
+    bar = tqdm(total=len(db), initial=done_chunks, desc="embedding", unit="chunk", disable=not progress)
+    try:
+        for s in todo:
+            if shard_path(d, s).exists():  # finished meanwhile by another worker on the same directory
+                bar.update(min(shard_size, len(db) - s * shard_size))
+                continue
+            embed_shard(db, embedder, d, s, shard_size, batch_size, with_title, encode, pool, bar.update)
+    finally:
+        bar.close()
+        if pool is not None:
+            embedder.stop_multi_process_pool(pool)
+    return len(todo)
+
+
+def embed_shard(db: ChunkDB, embedder, d: Path, s: int, shard_size: int, batch_size: int, with_title: bool,
+                encode: Callable = encode_texts, pool=None, advance: Callable[[int], object] = lambda n: None) -> None:
+    """Embed shard `s` of `db` and write it atomically to `d`."""
+    lo, hi = s * shard_size, min(len(db), (s + 1) * shard_size)
+    texts = [db.embedding_text(i, with_title) for i in range(lo, hi)]
+    # length-sorted sub-batches keep padding low (as encode does) while the progress bar moves often
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    out = np.empty((hi - lo, _dim(embedder)), np.float32)
+    step = batch_size * (16 if pool is not None else 4)
+    for a in range(0, len(order), step):
+        idx = order[a:a + step]
+        out[idx] = encode(embedder, [texts[i] for i in idx], batch_size=batch_size, pool=pool)
+        advance(len(idx))
+    tmp = d / f"shard_{s:05d}.tmp.npy"
+    np.save(tmp, out)
+    os.replace(tmp, shard_path(d, s))
+
+
+def load_embeddings(directory: str | Path, num_chunks: int) -> np.ndarray:
+    """All shards concatenated: (N, D) float32."""
+    d = Path(directory)
+    shards = sorted(d.glob("shard_[0-9]*.npy"))
+    vecs = np.concatenate([np.load(p) for p in shards]) if shards else np.zeros((0, 0), np.float32)
+    if len(vecs) != num_chunks:
+        raise EmbeddingStateError(f"{d}: shards hold {len(vecs)} vectors but the chunk database has {num_chunks}; "
+                                  f"rerun the build to finish embedding")
+    return vecs

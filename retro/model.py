@@ -1,0 +1,226 @@
+"""Retro-fit a pretrained Hugging Face causal LM with chunked cross-attention over retrieved neighbours.
+
+Takes a loaded decoder (Llama, GPT-2, GPT-NeoX families) and a `RetroConfig`; gives a `RetroModel` whose forward runs
+the HF model's own forward (its attention implementation, its KV cache) with CCA blocks hooked onto the outputs of the
+chosen layers. Base weights are frozen and untouched: `base.state_dict()` keeps its keys.
+Legend: B batch, T tokens, L chunks, K neighbours, R neighbour length, D decoder width, E encoder width, m chunk size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import RetroConfig
+from .layers import ChunkedCrossAttention, NeighbourEncoder
+
+
+def decoder_layers(base: nn.Module) -> nn.ModuleList:
+    """The stack of decoder blocks of an HF causal LM (`model.layers`, `transformer.h`, `gpt_neox.layers`)."""
+    body = getattr(base, "base_model", base)
+    for name in ("layers", "h", "blocks", "block"):
+        mods = getattr(body, name, None)
+        if isinstance(mods, nn.ModuleList) and len(mods) > 0:
+            return mods
+    raise ValueError(f"cannot find the decoder layers of {type(base).__name__}: expected a ModuleList named "
+                     f"layers/h/blocks on its base model; supported families are Llama, GPT-2 and GPT-NeoX")
+
+
+@dataclass
+class _RetroState:
+    """What CCA needs from earlier steps of a cached forward; it travels with the KV cache as `cache.retro_state`."""
+
+    offset: int = 0  # absolute position of the next token (padding included)
+    pending: torch.Tensor | None = None  # (B, offset - L_enc*m, D) first-CCA-layer states of the unfinished chunk
+    encoded: torch.Tensor | None = None  # (B, L_enc, K*R, E) encoded neighbours of finished chunks
+    encoded_valid: torch.Tensor | None = None  # (B, L_enc, K*R) bool
+    with_neighbours: bool | None = None
+    cca_kv: dict = field(default_factory=dict)  # layer -> {"k", "v"}: (B, L_enc, K*R, D) projected per CCA block
+
+
+@dataclass
+class _Step:
+    state: _RetroState
+    neighbours: torch.Tensor  # (B, L, K, R)
+    attention_mask: torch.Tensor | None  # (B, offset + n) or None
+    n: int  # new tokens in this forward
+
+
+class RetroModel(nn.Module):
+    """A frozen HF causal LM plus a neighbour encoder (`encoder`) and gated CCA blocks (`cca[str(layer)]`)."""
+
+    def __init__(self, base: nn.Module, config: RetroConfig):
+        super().__init__()
+        text_cfg = base.config.get_text_config()
+        hidden, n_layers, heads = text_cfg.hidden_size, text_cfg.num_hidden_layers, text_cfg.num_attention_heads
+        config = config.resolved(n_layers, hidden, heads)
+        self.base = base
+        self.config = config
+        for p in base.parameters():
+            p.requires_grad_(False)
+        emb = base.get_input_embeddings().weight
+        self.encoder = NeighbourEncoder(emb.shape[1], hidden, config.encoder_width, config.encoder_layers,
+                                        config.encoder_heads, config.neighbour_length, config.encoder_mlp_ratio,
+                                        config.dropout)
+        self.cca = nn.ModuleDict({str(i): ChunkedCrossAttention(hidden, config.encoder_width, config.cca_heads,
+                                                                config.dropout) for i in config.cca_layers})
+        self.encoder.to(device=emb.device, dtype=emb.dtype)
+        self.cca.to(device=emb.device, dtype=emb.dtype)
+        self._step: _Step | None = None
+        layers = decoder_layers(base)
+        self._hooks = [layers[i].register_forward_hook(self._make_hook(i)) for i in config.cca_layers]
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk_size
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base.get_input_embeddings()
+
+    def retro_parameters(self):
+        """The parameters retro-fitting added (encoder and CCA blocks; the shared embedding table is not one)."""
+        yield from self.encoder.parameters()
+        yield from self.cca.parameters()
+
+    def retro_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()} | \
+               {f"cca.{k}": v for k, v in self.cca.state_dict().items()}
+
+    def set_gates(self, value: float) -> None:
+        """Set every CCA gate's pre-tanh value (0 = base model exactly)."""
+        with torch.no_grad():
+            for block in self.cca.values():
+                block.gate.fill_(value)
+
+    def remove_hooks(self) -> None:
+        """Detach from the base model, leaving it as it was before `retrofit`."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # -- forward -------------------------------------------------------------------------------------------------
+
+    def forward(self, input_ids=None, attention_mask=None, neighbours=None, labels=None, inputs_embeds=None,
+                past_key_values=None, use_cache=False, position_ids=None, **kwargs) -> CausalLMOutputWithPast:
+        """HF causal-LM forward plus `neighbours` (B, L, K, R), -1 padded, L >= the number of chunks in the sequence.
+
+        With a KV cache the positions continue from the cache (`past_key_values.retro_state.offset`), and
+        `neighbours` must hold the rows of every chunk so far (the same tensor grows during generation).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("RetroModel.forward: pass exactly one of input_ids or inputs_embeds")
+        if self.training and getattr(self.base, "is_activation_checkpointing", False):
+            # recomputed layers would run outside this forward, without their CCA: gradients would be wrong
+            raise ValueError("RetroModel does not support gradient checkpointing of the base model; call "
+                             "base.activation_checkpointing_disable()")
+        B, n = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        cache = past_key_values
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.base.config)
+        state = self._state_for(cache)
+        if state.with_neighbours is None:
+            state.with_neighbours = neighbours is not None
+        elif state.with_neighbours != (neighbours is not None):
+            raise ValueError("RetroModel.forward: give neighbours in every step of a cached forward or in none "
+                             "(None means the base model alone)")
+        if neighbours is not None:
+            neighbours = self._check_neighbours(neighbours, B, state.offset + n)
+        step = _Step(state, neighbours, attention_mask, n) if neighbours is not None else None
+        self._step = step
+        try:
+            out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=cache, use_cache=use_cache, labels=labels, inputs_embeds=inputs_embeds,
+                            **kwargs)
+        finally:
+            self._step = None
+        if cache is not None:
+            state.offset += n
+            cache.retro_state = state
+        return out
+
+    def _state_for(self, cache) -> _RetroState:
+        if cache is None:
+            return _RetroState()
+        state = getattr(cache, "retro_state", None)
+        seen = cache.get_seq_length()
+        if state is None:
+            if seen:
+                raise ValueError("RetroModel.forward: this KV cache already holds tokens but no RETRO state; pass the "
+                                 "cache returned by RetroModel.forward, not one filled by the bare base model")
+            return _RetroState()
+        if state.offset != seen:
+            raise ValueError(f"RetroModel.forward: RETRO state is at position {state.offset} but the KV cache holds "
+                             f"{seen} tokens; was the cache cropped or reused across batches?")
+        return state
+
+    def _check_neighbours(self, neighbours, B: int, total: int) -> torch.Tensor:
+        neighbours = torch.as_tensor(neighbours, device=self.base.get_input_embeddings().weight.device).long()
+        if neighbours.dim() != 4 or neighbours.shape[0] != B:
+            raise ValueError(f"neighbours must be (B={B}, L, K, R) token ids, got shape {tuple(neighbours.shape)}")
+        needed = total // self.chunk_size
+        if neighbours.shape[1] < needed:
+            raise ValueError(f"neighbours cover {neighbours.shape[1]} chunks but {total} tokens with chunk size "
+                             f"{self.chunk_size} complete {needed}; pass (B, ceil(T/m), K, R) with -1 for missing")
+        if neighbours.shape[3] > self.config.neighbour_length:
+            raise ValueError(f"neighbour length R={neighbours.shape[3]} exceeds RetroConfig.neighbour_length="
+                             f"{self.config.neighbour_length}")
+        return neighbours
+
+    def _make_hook(self, layer: int):
+        first = layer == self.config.cca_layers[0]
+
+        def hook(module, args, output):
+            step = self._step
+            if step is None:
+                return output
+            hidden = output if isinstance(output, torch.Tensor) else output[0]
+            if first:
+                self._encode_finished_chunks(step, hidden)
+            state = step.state
+            if state.encoded is None:  # no chunk finished yet: nothing to attend anywhere
+                return output
+            hidden = self.cca[str(layer)](hidden, state.encoded, state.encoded_valid, state.offset, self.chunk_size,
+                                          kv_cache=state.cca_kv.setdefault(layer, {}))
+            return hidden if isinstance(output, torch.Tensor) else (hidden,) + tuple(output[1:])
+
+        return hook
+
+    def _encode_finished_chunks(self, step: _Step, hidden: torch.Tensor) -> None:
+        """Encode the neighbours of every chunk finished by this step, conditioned on its first-CCA-layer states."""
+        state, m = step.state, self.chunk_size
+        done = 0 if state.encoded is None else state.encoded.shape[1]
+        start = done * m  # absolute position where `pending` begins
+        full = hidden if state.pending is None else torch.cat([state.pending, hidden], dim=1)  # (B, end-start, D)
+        end = state.offset + step.n
+        finished = end // m
+        if finished > done:
+            c = finished - done
+            B, _, D = full.shape
+            chunks = full[:, : c * m].reshape(B * c, m, D)  # (B*c, m, D)
+            mask = step.attention_mask
+            if mask is None:
+                chunk_valid = torch.ones(B * c, m, dtype=torch.bool, device=full.device)
+            else:
+                if mask.shape[1] != end:
+                    raise ValueError(f"attention_mask covers {mask.shape[1]} positions, expected {end} "
+                                     f"(cached tokens + new tokens)")
+                chunk_valid = mask[:, start:finished * m].bool().reshape(B * c, m)
+            nb = step.neighbours[:, done:finished]  # (B, c, K, R)
+            K, R = nb.shape[2:]
+            enc = self.encoder(nb.reshape(B * c, K, R), self.get_input_embeddings(), chunks, chunk_valid)
+            enc = enc.reshape(B, c, K * R, -1)  # (B, c, K*R, E)
+            valid = (nb >= 0).reshape(B, c, K * R)
+            if state.encoded is not None:
+                enc = torch.cat([state.encoded, enc], dim=1)
+                valid = torch.cat([state.encoded_valid, valid], dim=1)
+            state.encoded, state.encoded_valid = enc, valid
+            full = full[:, c * m:]
+        state.pending = full
+
+
+def retrofit(base: nn.Module, config: RetroConfig | None = None) -> RetroModel:
+    """Wrap `base` (frozen, weights untouched) with a neighbour encoder and zero-gated CCA blocks."""
+    return RetroModel(base, config or RetroConfig())

@@ -1,0 +1,229 @@
+"""The side-by-side experiment: one YAML -> index, zero-shot rows, optional retro-fit, a grid of fine-tuning cells
+(models x PEFT methods x data scales x seeds), their evaluation, and the report.
+
+Output folder: `results.json`, `results.md` (rows: model and method, with zero-shot rows; columns: trainable
+parameters, training time, EM, F1, ...), `score_vs_parameters.png`, `learning_curves.png`, and one folder per
+cell. Finished cells and evaluations are read back, not recomputed, so an interrupted experiment resumes.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from retrotune import pipeline
+from retrotune.config import ConfigError, RunConfig, apply_overrides
+from retrotune.runs import FINAL, evaluate_qa, load_trained, qa_split, train_run, with_neighbours, write_jsonl
+
+ZERO_SHOT = ("gpt_closed_book", "gpt", "retro")
+
+
+@dataclass
+class ExperimentConfig:
+    output_dir: str = "runs/experiment"
+    run: dict = field(default_factory=dict)  # RunConfig fields every cell shares
+    corpus: str | None = "data/squad-demo/passages.jsonl"  # built into run.index when that index is missing
+    zero_shot: list[str] = field(default_factory=lambda: list(ZERO_SHOT))
+    retrofit: dict | None = None  # RunConfig overrides of a retro-fit stage that RETRO cells start from
+    models: list[str] = field(default_factory=lambda: ["gpt", "retro"])
+    peft: list[dict] = field(default_factory=lambda: [{"method": "lora"}])
+    train_sizes: list[int | None] | None = None  # the data-scale axis; None: run.data.train_size alone
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+    def __post_init__(self):
+        unknown = sorted(set(self.zero_shot) - set(ZERO_SHOT))
+        if unknown:
+            raise ConfigError(f"zero_shot: {unknown} unknown; choose from {ZERO_SHOT}")
+        if self.train_sizes is None:
+            self.train_sizes = [self.run.get("data", {}).get("train_size")]
+        for name in ("models", "peft", "train_sizes", "seeds"):
+            if not isinstance(getattr(self, name), list) or not getattr(self, name):
+                raise ConfigError(f"{name} must be a non-empty list")
+        RunConfig(**{**self.run, "stage": "finetune"})  # every shared field is checked before anything runs
+
+
+def load_experiment(path: str, overrides: list[str] = ()) -> ExperimentConfig:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{file}: no such experiment file (shipped ones are in configs/)")
+    values = apply_overrides(yaml.safe_load(file.read_text()) or {}, list(overrides))
+    try:
+        return ExperimentConfig(**values)
+    except (TypeError, ConfigError) as error:
+        raise ConfigError(f"{file}: {error}") from None
+
+
+def _run_config(exp: ExperimentConfig, **fields) -> RunConfig:
+    values = {"neighbours_cache": str(Path(exp.output_dir) / "neighbours"), **copy.deepcopy(exp.run)}
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    return RunConfig(**values)
+
+
+def ensure_index(exp: ExperimentConfig) -> None:
+    from retrieval import BuildConfig, CorpusSpec, build_index, is_index, load_corpus
+    from retrotune.models import load_embedder, load_tokenizer
+
+    config = _run_config(exp)
+    if is_index(config.index):
+        return
+    if not exp.corpus:
+        raise FileNotFoundError(f"{config.index} is not an index and the experiment names no corpus to build it from")
+    chunk_size = config.retro.get("chunk_size", 64)
+    build_index(load_corpus(CorpusSpec(exp.corpus)), config.index, tokenizer=load_tokenizer(config.decoder),
+                embedder=load_embedder(config.embedder), config=BuildConfig(chunk_size=chunk_size),
+                tokenizer_alias=config.decoder, embedder_alias=config.embedder)
+
+
+def _cached(path: Path, compute):
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _evaluate(qa, records, config: RunConfig, out: Path, desc: str) -> dict:
+    scores, rows = evaluate_qa(qa, records, config.train.batch_size, config.max_new_tokens, config.neighbours, desc)
+    write_jsonl(out / "predictions.jsonl", rows)
+    return scores
+
+
+def zero_shot_rows(exp: ExperimentConfig, out: Path, retrofit_dir: Path | None) -> list[dict]:
+    """GPT closed-book, GPT with prepended neighbours, and RETRO (retro-fitted when a retro-fit stage ran)."""
+    config = _run_config(exp)
+    rows = []
+    needed = [name for name in exp.zero_shot if not (out / "zero-shot" / name / "scores.json").is_file()]
+    if needed:
+        base, tokenizer = pipeline.build_backbone(config)
+        retriever = pipeline.open_index(config, tokenizer)
+        validation = with_neighbours(config, retriever, qa_split(config)[1])
+    for name in exp.zero_shot:
+        folder = out / "zero-shot" / name
+
+        def compute():
+            model_kind = "retro" if name == "retro" else "gpt"
+            run = _run_config(exp, model=model_kind, init_from=str(retrofit_dir) if retrofit_dir and name == "retro" else None)
+            model = pipeline.build_model(run, base, retriever, with_peft=False)
+            records = validation if name != "gpt_closed_book" else [{**r, "neighbour_texts": []} for r in validation]
+            qa = pipeline.qa_interface(run, model, tokenizer, retriever)
+            scores = _evaluate(qa, records, run, folder, f"zero-shot {name}")
+            if model_kind == "retro":
+                model.remove_hooks()  # the backbone is shared with the rows after this one
+            return scores
+
+        scores = _cached(folder / "scores.json", compute)
+        label = {"gpt_closed_book": "GPT (no retrieval)", "gpt": "GPT + neighbours in prompt",
+                 "retro": "RETRO" + (" (retro-fitted)" if retrofit_dir else " (at initialisation)")}[name]
+        rows.append({"model": label, "method": "zero-shot", "trainable_parameters": 0, "train_seconds": 0.0,
+                     "train_size": 0, "seed": None, **scores})
+    return rows
+
+
+def run_experiment(exp: ExperimentConfig) -> dict:
+    out = Path(exp.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    ensure_index(exp)
+    retrofit_dir = None
+    if exp.retrofit is not None:
+        retrofit_dir = out / "retrofit"
+        if not (retrofit_dir / FINAL / "run.json").is_file():
+            train_run(_run_config(exp, **{**exp.retrofit, "stage": "retrofit", "model": "retro",
+                                          "output_dir": str(retrofit_dir)}))
+    rows = zero_shot_rows(exp, out, retrofit_dir)
+    cells = []
+    for model, peft, size, seed in itertools.product(exp.models, exp.peft, exp.train_sizes, exp.seeds):
+        name = f"{model}-{peft['method']}-n{size or 'all'}-s{seed}"
+        folder = out / "cells" / name
+        config = _run_config(exp, model=model, peft=peft, output_dir=str(folder), data={"train_size": size},
+                             train={"seed": seed},
+                             init_from=str(retrofit_dir) if model == "retro" and retrofit_dir else None)
+        if not (folder / FINAL / "run.json").is_file():
+            train_run(config)
+        summary = json.loads((folder / FINAL / "run.json").read_text())
+
+        def compute():
+            qa, _, retriever = load_trained(folder)
+            validation = with_neighbours(config, retriever, qa_split(config)[1])
+            return _evaluate(qa, validation, config, folder / "eval", f"evaluate {name}")
+
+        scores = _cached(folder / "eval" / "scores.json", compute)
+        label = {"gpt": "GPT + neighbours in prompt", "retro": "RETRO"}[model]
+        rows.append({"model": label, "method": peft["method"], "peft": peft,
+                     "trainable_parameters": summary["trainable_parameters"]["trainable"],
+                     "train_seconds": summary["train_seconds"], "train_size": size, "seed": seed, **scores})
+        cells.append(folder)
+    results = {"rows": rows, "seconds": time.perf_counter() - started, "config": exp.__dict__}
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    table = markdown_table(rows)
+    (out / "results.md").write_text(table + "\n")
+    plot_scores(rows, out / "score_vs_parameters.png")
+    plot_curves(cells, out / "learning_curves.png")
+    return {"table": table, **results}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| model | method | train questions | trainable params | train time | EM | F1 | ROUGE-L | answer recall@k |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        size = "-" if row["method"] == "zero-shot" else ("all" if row["train_size"] is None else row["train_size"])
+        lines.append(f"| {row['model']} | {row['method']} | {size} | {row['trainable_parameters']:,} | "
+                     f"{row['train_seconds'] / 60:.1f} min | {row['em']:.1f} | {row['f1']:.1f} | {row['rouge_l']:.1f} | "
+                     f"{row['answer_recall']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_scores(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for model in sorted({r["model"] for r in rows if r["method"] != "zero-shot"}):
+        points = [(r["trainable_parameters"], r["f1"], r["method"]) for r in rows
+                  if r["model"] == model and r["method"] != "zero-shot"]
+        axis.scatter([p[0] for p in points], [p[1] for p in points], label=model)
+        for x, y, method in points:
+            axis.annotate(method, (x, y), fontsize=7)
+    for row in rows:
+        if row["method"] == "zero-shot":
+            axis.axhline(row["f1"], linestyle=":", linewidth=1, color="grey")
+            axis.annotate(f"{row['model']} zero-shot", (1, row["f1"]), fontsize=6, color="grey")
+    axis.set_xscale("log")
+    axis.set_xlabel("trainable parameters")
+    axis.set_ylabel("validation F1")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_curves(cells: list[Path], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for folder in cells:
+        metrics = folder / "metrics.jsonl"
+        if metrics.is_file():
+            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            axis.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=folder.name)
+    axis.set_xlabel("optimiser step")
+    axis.set_ylabel("training loss")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

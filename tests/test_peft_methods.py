@@ -1,0 +1,145 @@
+"""Every PEFT method on GPT and RETRO over the tiny families: ownership, no-op at init, save/load, merge."""
+import pytest
+import torch
+
+from conftest import TINY_FAMILIES, TINY_VOCAB, build_tiny_lm
+import peft_methods as pm
+
+retro = pytest.importorskip("retro")
+
+M, K, R = 4, 2, 8
+ZERO_INIT = ("lora", "ia3", "adapter", "loretta_adp", "loretta_rep", "full")
+
+
+def method_config(method: str, kind: str) -> dict:
+    """A small configuration of each method; on RETRO it also reaches the added modules where it can."""
+    on_retro = kind == "retro"
+    configs = {
+        "lora": {"r": 4, "targets": ["attention", "mlp"] + (["cca", "retro_encoder"] if on_retro else [])},
+        "ia3": {"targets": ["attention", "mlp_out"] + (["cca"] if on_retro else [])},
+        "ptuning": {"n_virtual": 3, "encoder_hidden": 16},
+        "adapter": {"bottleneck": 8, "blocks": ["decoder"] + (["retro_encoder"] if on_retro else [])},
+        "loretta_adp": {"bottleneck": 8, "tt_rank": 3},
+        "loretta_rep": {"r": 4, "tt_rank": 3, "targets": ["attention", "mlp"] + (["cca"] if on_retro else [])},
+        "full": {},
+    }
+    return {"method": method, **configs[method]}
+
+
+def build_base(kind: str, family: str, seed: int = 0) -> torch.nn.Module:
+    lm = build_tiny_lm(family, seed=seed)
+    if kind == "gpt":
+        return lm
+    model = retro.retrofit(lm, retro.RetroConfig(chunk_size=M, num_neighbours=K))
+    model.set_gates(0.5)  # open the gates so retrieval (and adapters on CCA/encoder) shape the outputs
+    return model.eval()
+
+
+def batch(kind: str, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, TINY_VOCAB, (2, 10), generator=g)  # (B, T)
+    out = {"input_ids": ids, "labels": ids}
+    if kind == "retro":
+        out["neighbours"] = torch.randint(0, TINY_VOCAB, (2, 3, K, R), generator=g)  # (B, L, K, R)
+    return out
+
+
+def logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+
+
+def perturb(model, seed: int = 1) -> None:
+    """Move every owned parameter away from its initial value, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param, _ in pm.owned_parameters(model):
+            param.add_(0.1 * torch.randn(param.shape, generator=g))
+
+
+CASES = [(m, k, f) for m in pm.known_methods() for k in ("gpt", "retro") for f in TINY_FAMILIES]
+IDS = [f"{m}-{k}-{f}" for m, k, f in CASES]
+
+
+@pytest.mark.parametrize("method,kind,family", CASES, ids=IDS)
+def test_only_owned_parameters_train(method, kind, family):
+    model = pm.apply_peft(build_base(kind, family), method_config(method, kind))
+    model.train()
+    owned = set(pm.get_record(model).owned)
+    assert owned, "a method must own some parameters"
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == owned
+    if method != "full":
+        assert pm.count_trainable(model)["trainable"] < pm.count_trainable(model)["total"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimiser = torch.optim.SGD(pm.trainable_parameters(model), lr=0.5)
+    model(**batch(kind)).loss.backward()
+    optimiser.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "one optimiser step changed nothing"
+    assert changed <= owned, f"parameters outside the method changed: {sorted(changed - owned)[:5]}"
+
+
+@pytest.mark.parametrize("method,kind,family", [c for c in CASES if c[0] in ZERO_INIT],
+                         ids=[i for c, i in zip(CASES, IDS) if c[0] in ZERO_INIT])
+def test_no_op_at_initialisation(method, kind, family):
+    inputs = batch(kind)
+    want = logits(build_base(kind, family), inputs)
+    model = pm.apply_peft(build_base(kind, family), method_config(method, kind))
+    assert torch.equal(logits(model, inputs), want)
+
+
+@pytest.mark.parametrize("method,kind,family", CASES, ids=IDS)
+def test_save_load_round_trip(method, kind, family, tmp_path):
+    inputs = batch(kind)
+    model = pm.apply_peft(build_base(kind, family), method_config(method, kind))
+    perturb(model)
+    want = logits(model, inputs)
+    assert not torch.equal(want, logits(build_base(kind, family), inputs))  # the adapter does something
+    pm.save_peft(model, tmp_path)
+    loaded = pm.load_peft(build_base(kind, family), tmp_path)
+    assert type(loaded) is type(model)
+    assert pm.count_trainable(loaded) == pm.count_trainable(model)
+    assert torch.equal(logits(loaded, inputs), want)
+
+
+MERGEABLE = [c for c in CASES if c[0] in ("lora", "ia3", "loretta_rep")]
+
+
+@pytest.mark.parametrize("method,kind,family", MERGEABLE, ids=[f"{m}-{k}-{f}" for m, k, f in MERGEABLE])
+def test_merged_equals_unmerged(method, kind, family):
+    inputs = batch(kind)
+    model = pm.apply_peft(build_base(kind, family), method_config(method, kind))
+    perturb(model)
+    want = logits(model, inputs)
+    pm.merge_peft(model)
+    merged = logits(model, inputs)
+    torch.testing.assert_close(merged, want, rtol=1e-4, atol=1e-5)
+    pm.unmerge_peft(model)
+    torch.testing.assert_close(logits(model, inputs), want, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_refused_where_it_does_not_exist():
+    model = pm.apply_peft(build_base("gpt", "llama"), {"method": "adapter", "bottleneck": 4})
+    with pytest.raises(ValueError, match="no merge"):
+        pm.merge_peft(model)
+
+
+def test_merged_model_is_not_saved(tmp_path):
+    model = pm.apply_peft(build_base("gpt", "gpt2"), {"method": "loretta_rep", "r": 2, "tt_rank": 2})
+    pm.merge_peft(model)
+    with pytest.raises(ValueError, match="unmerge"):
+        pm.save_peft(model, tmp_path)
+
+
+@pytest.mark.parametrize("method", ["adapter", "loretta_adp", "loretta_rep", "lora"])
+def test_deep_copies_are_independent(method):
+    import copy
+
+    inputs = batch("gpt")
+    model = pm.apply_peft(build_base("gpt", "gpt2"), {"method": method})
+    want = logits(model, inputs)
+    twin = copy.deepcopy(model)
+    perturb(twin)
+    assert torch.equal(logits(model, inputs), want)
+    assert not torch.equal(logits(twin, inputs), want)
+    assert pm.count_trainable(twin) == pm.count_trainable(model)

@@ -1,0 +1,36 @@
+"""The two retrieval benchmarks run end to end at --tiny sizes and print a well-formed markdown row."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rows(out: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")]
+
+
+@pytest.mark.parametrize("data", ["sphere", "clustered"])
+def test_bench_search_tiny(data, capsys):
+    assert load("bench_search").main(["--tiny", "--header", "--data", data]) == 0
+    header, row = rows(capsys.readouterr().out)
+    result = dict(zip(header, row))
+    assert result["factory"].startswith("IVF")  # above the tiny flat threshold the automatic choice is IVF
+    assert 0.0 <= float(result["recall@10"]) <= 1.0 and float(result["speed-up"].rstrip("x")) > 0
+
+
+@pytest.mark.integration
+def test_bench_index_build_tiny(capsys):
+    assert load("bench_index_build").main(["--tiny", "--header"]) == 0
+    header, row = rows(capsys.readouterr().out)
+    result = dict(zip(header, row))
+    assert int(result["chunks"].replace(",", "")) > 0
+    assert float(result["ratio"]) > 0
