@@ -165,15 +165,22 @@ def prompt_part(batch: dict, chunk_size: int, device=None) -> dict[str, torch.Te
 
 
 class RetroQA:
-    """QA contract for a `RetroModel`; `retrieve` (texts -> (N, K, R), or a `Retriever`) enables re-retrieval."""
+    """QA contract for a `RetroModel`, or a module wrapping one (a PEFT method's wrapper); `retrieve` (texts ->
+    (N, K, R), or a `Retriever`) enables re-retrieval."""
 
     def __init__(self, model, tokenizer, retrieve=None, max_prompt_tokens: int | None = None):
+        from .model import RetroModel
+
         self.model, self.tokenizer, self.retrieve = model, tokenizer, retrieve
         self.max_prompt_tokens = max_prompt_tokens
+        inner = [m for m in model.modules() if isinstance(m, RetroModel)]
+        if not inner:
+            raise TypeError(f"RetroQA needs a RetroModel (or a wrapper of one), got {type(model).__name__}")
+        self.retro_config = inner[0].config
 
     def encode_batch(self, examples, tokenizer=None) -> dict[str, torch.Tensor]:
         tok = tokenizer or self.tokenizer
-        cfg = self.model.config
+        cfg = self.retro_config
         prompts = [format_question(_field(ex, "question"), tok) for ex in examples]
         if self.max_prompt_tokens:
             prompts = [p[-self.max_prompt_tokens:] for p in prompts]
@@ -194,7 +201,7 @@ class RetroQA:
         was_training = self.model.training
         self.model.eval()
         try:
-            new = generate(self.model, **prompt_part(batch, self.model.chunk_size, dev),
+            new = generate(self.model, **prompt_part(batch, self.retro_config.chunk_size, dev),
                            max_new_tokens=max_new_tokens, retrieve=self.retrieve, tokenizer=self.tokenizer,
                            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=_pad_id(self.tokenizer), **kwargs)
         finally:

@@ -65,7 +65,8 @@ class DataConfig:
     train_size: int | None = None  # the data-scale axis: None = all training questions
     validation_groups: list[str] | None = None  # articles held out; None = a seeded share of them
     validation_fraction: float = 0.25
-    validation_size: int | None = 64  # the fixed validation subset scored with EM/F1 during training
+    validation_size: int | None = 64  # validation questions (loss during training, EM/F1 at evaluation)
+    validation_generate: int = 32  # of those, how many are answered for EM/F1 at each validation during training
     sequence_chunks: int = 4  # retrofit: corpus sequences of this many chunks
     max_question_tokens: int = 64
     max_answer_tokens: int = 16
