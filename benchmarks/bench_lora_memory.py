@@ -96,6 +96,7 @@ def child(mode: str, setup: Setup) -> dict:
     import psutil
     import torch
     import transformers  # noqa: F401
+    from tqdm.auto import tqdm
 
     torch.set_num_threads(setup.threads)
     proc = psutil.Process()
@@ -123,8 +124,6 @@ def child(mode: str, setup: Setup) -> dict:
         torch.cuda.reset_peak_memory_stats()
     rss_loaded = proc.memory_info().rss
     times = []
-    from tqdm.auto import tqdm
-
     with PeakSampler() as sampler:
         for _ in tqdm(range(setup.steps), desc=f"{mode} steps", file=sys.stderr):
             t0 = time.perf_counter()

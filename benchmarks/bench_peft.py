@@ -106,6 +106,8 @@ def child(kind: str, method: str, setup: Setup) -> dict:
     out = {"kind": kind, "method": method}
     if method == "base":
         model.eval()
+        for param in model.parameters():  # frozen: the backward pass reaches the inputs but computes no weight grads
+            param.requires_grad_(False)
         embed = model.get_input_embeddings()
 
         def frozen_step():
