@@ -94,7 +94,7 @@ def cmd_build(args) -> int:
                            embedder=load_embedder(args.embedder, device=args.device), config=cfg,
                            tokenizer_alias=args.tokenizer, embedder_alias=args.embedder)
     print(json.dumps({k: manifest[k] for k in ("num_documents", "num_chunks", "factory", "nprobe",
-                                               "tuned_recall_at_10", "build_seconds")}, indent=2))
+                                               "tuned_recall_at_10", "last_run_seconds")}, indent=2))
     print(f"index written to {out}", file=sys.stderr)
     return 0
 

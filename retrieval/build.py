@@ -96,7 +96,8 @@ def build_index(docs: Sequence[Document], directory: str | Path, *, tokenizer, e
         "kind": "index", "format_version": FORMAT_VERSION, **settings,
         "factory": factory, "nprobe": nprobe, "tuned_recall_at_10": recall,
         "num_chunks": len(db), "num_vectors": int(index.ntotal),
-        "build_seconds": round(time.time() - started, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "last_run_seconds": round(time.time() - started, 2),  # of the final run only, when a build was resumed
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     write_json_atomic(d / MANIFEST, manifest)
     return manifest

@@ -6,13 +6,14 @@ The choice is a `faiss.index_factory` string, so any user override is one string
   ... flat vectors over the budget    -> "IVF{nlist},SQ8" (4x smaller) or "IVF{nlist},PQ{M}" (M bytes a vector)
   nlist >= 16384                      -> coarse quantizer "IVF{nlist}_HNSW32" (assigning to lists stays fast)
 nprobe is tuned after the build: the smallest power of two whose recall@10 against exact search, measured on
-a sample of the indexed vectors used as queries (each ignoring itself), reaches `target_recall`.
+a sample of the indexed vectors used as queries (each ignoring itself), reaches `target_recall`. When that needs
+more than 1/8 of the lists (vectors without cluster structure) the automatic choice falls back to exact "Flat".
 When faiss sees GPUs the same index is cloned onto all of them for training, adding and searching.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import faiss
 import numpy as np
@@ -115,6 +116,10 @@ def build_faiss_index(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0, prog
     if nlist:
         if nprobe is None:
             nprobe, recall = tune_nprobe(index, vectors, nlist, cfg.target_recall, seed=seed)
+            if cfg.factory == "auto" and nprobe > nlist // 8 and n * dim * 4 <= cfg.memory_budget_gb * 2 ** 30:
+                # data without cluster structure (e.g. isotropic): scanning this many lists costs more than
+                # exact search, which also gives recall 1
+                return build_faiss_index(vectors, replace(cfg, factory="Flat"), seed, progress)
         set_nprobe(index, nprobe)
     return to_cpu(index), factory, nprobe, recall
 

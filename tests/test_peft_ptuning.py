@@ -70,7 +70,9 @@ def test_plain_prepending_on_gpt():
     with torch.no_grad():
         virtual = model.prompt_encoder(model.virtual_ids[None]).expand(2, -1, -1)
         embeds = torch.cat([virtual, model.get_input_embeddings()(ids)], dim=1)
-        torch.testing.assert_close(model(input_ids=ids).logits, model.model(inputs_embeds=embeds).logits[:, 3:])
+        full = model(input_ids=ids).logits
+        torch.testing.assert_close(full, model.model(inputs_embeds=embeds).logits[:, 3:])
+        torch.testing.assert_close(model(input_ids=ids, logits_to_keep=2).logits, full[:, -2:])
     with pytest.raises(ValueError, match="not RETRO"):
         model(input_ids=ids, neighbours=torch.zeros(2, 3, K, R, dtype=torch.long))
 

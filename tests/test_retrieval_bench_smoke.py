@@ -23,7 +23,8 @@ def test_bench_search_tiny(data, capsys):
     assert load("bench_search").main(["--tiny", "--header", "--data", data]) == 0
     header, row = rows(capsys.readouterr().out)
     result = dict(zip(header, row))
-    assert result["factory"].startswith("IVF")  # above the tiny flat threshold the automatic choice is IVF
+    # above the tiny flat threshold the automatic choice is IVF, unless tuning shows it cannot beat exact search
+    assert result["factory"].startswith("IVF") if data == "clustered" else result["factory"] in ("Flat", "IVF256,Flat")
     assert 0.0 <= float(result["recall@10"]) <= 1.0 and float(result["speed-up"].rstrip("x")) > 0
 
 

@@ -78,3 +78,12 @@ def test_trained_non_ivf_factory_builds_without_nprobe():
     assert factory == "SQ8" and nprobe is None and recall is None and index.ntotal == 3000
     _, ids = search_index(index, x[:20], 1)
     assert (ids[:, 0] == np.arange(20)).mean() >= 0.9  # a vector's own code is (almost always) its best match
+
+
+def test_auto_choice_falls_back_to_exact_without_cluster_structure():
+    rng = np.random.default_rng(4)
+    x = normalised(rng, 6000, 64)  # isotropic: IVF would have to scan most lists
+    index, factory, nprobe, _ = build_faiss_index(x, IndexConfig(flat_threshold=1000), progress=False)
+    assert factory == "Flat" and nprobe is None
+    _, ids = search_index(index, x[:5], 1)
+    assert ids[:, 0].tolist() == list(range(5))
