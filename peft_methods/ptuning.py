@@ -116,7 +116,9 @@ class PTuningModel(nn.Module):
             labels[:, P] = -100
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
                          past_key_values=past_key_values, use_cache=use_cache, position_ids=position_ids, **extra)
-        out["logits"] = out.logits[:, P:]  # (B, T, V): aligned with the caller's tokens
+        # Logits cover the last positions (all, or `logits_to_keep`): keep those of the caller's tokens, (B, <=T, V).
+        T = inputs_embeds.shape[1] - P
+        out["logits"] = out.logits[:, max(0, out.logits.shape[1] - T):]
         return out
 
 
