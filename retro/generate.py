@@ -92,9 +92,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         extra = {} if nb is None else {"neighbours": nb}
         if use_cache and cache is not None:
             out = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos[:, -1:], past_key_values=cache,
-                        use_cache=True, **extra)
+                        use_cache=True, logits_to_keep=1, **extra)
         else:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache, **extra)
+            # Only the last position's logits are read: skip the vocabulary projection of the prompt.
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache, logits_to_keep=1,
+                        **extra)
         cache = out.past_key_values if use_cache else None
         token = _pick(out.logits[:, -1].float(), do_sample, temperature, top_k, generator)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
