@@ -48,10 +48,10 @@ def _checkpoint(args) -> int:
     from retrotune.runs import evaluate_qa, load_trained, qa_split, with_neighbours, write_jsonl
     from retrotune import pipeline
 
-    qa, summary, retriever = load_trained(Path(args.run), config_index=args.index)
+    qa, summary, retriever = load_trained(Path(args.run), config_index=args.index, decoder=args.decoder)
     from retrotune.config import RunConfig
 
-    config = RunConfig(**{**summary["config"], **({"index": args.index} if args.index else {})})
+    config = RunConfig(**{**summary["config"], **{k: v for k, v in (("index", args.index), ("decoder", args.decoder)) if v}})
     out = Path(args.run) / "eval"
     if args.qa:
         examples = take(load_qa(args.qa), args.limit)
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = commands.add_parser("checkpoint", help="evaluate a trained run")
     checkpoint.add_argument("run", help="the run's output_dir (holding final/)")
     checkpoint.add_argument("--index", help="evaluate against this index (refused unless it is the training index)")
+    checkpoint.add_argument("--decoder", help="the base model to load it onto (refused unless the training base)")
     checkpoint.add_argument("--qa", help="other QA questions to evaluate on (default: the run's validation split)")
     checkpoint.add_argument("--limit", type=int, help="evaluate only the first N questions")
     checkpoint.set_defaults(handler=_checkpoint)

@@ -117,6 +117,8 @@ def zero_shot_rows(exp: ExperimentConfig, out: Path, retrofit_dir: Path | None) 
             records = validation if name != "gpt_closed_book" else [{**r, "neighbour_texts": []} for r in validation]
             qa = pipeline.qa_interface(run, model, tokenizer, retriever)
             scores = _evaluate(qa, records, run, folder, f"zero-shot {name}")
+            if name == "gpt_closed_book":
+                scores["answer_recall"] = None  # it reads no neighbours
             if model_kind == "retro":
                 model.remove_hooks()  # the backbone is shared with the rows after this one
             return scores
@@ -179,7 +181,7 @@ def markdown_table(rows: list[dict]) -> str:
         size = "-" if row["method"] == "zero-shot" else ("all" if row["train_size"] is None else row["train_size"])
         lines.append(f"| {row['model']} | {row['method']} | {size} | {row['trainable_parameters']:,} | "
                      f"{row['train_seconds'] / 60:.1f} min | {row['em']:.1f} | {row['f1']:.1f} | {row['rouge_l']:.1f} | "
-                     f"{row['answer_recall']:.1f} |")
+                     f"{'-' if row['answer_recall'] is None else format(row['answer_recall'], '.1f')} |")
     return "\n".join(lines)
 
 

