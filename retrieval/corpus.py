@@ -71,7 +71,7 @@ def _validated(records: Iterable[tuple[str, dict]], where: str, id_field: str | 
         yield Document(doc_id, str(title) if title is not None else "", text)
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
+def jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -89,7 +89,7 @@ def read_jsonl(path: str | Path, id_field: str | None = "id", title_field: str |
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"{path}: no such file")
-    return _non_empty(list(_validated(_jsonl_records(path), str(path), id_field, title_field, text_field)), path)
+    return _non_empty(list(_validated(jsonl_records(path), str(path), id_field, title_field, text_field)), path)
 
 
 def read_beir(path: str | Path) -> list[Document]:

@@ -18,24 +18,17 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .corpus import CorpusError
+from .corpus import CorpusError, jsonl_records
 from .retriever import Retriever
 
 
 def read_jsonl_records(path: str | Path, required: Sequence[str]) -> list[dict]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{lineno}: malformed JSON ({e.msg}); fix or remove this line") from None
-            for field in required:
-                if field not in rec:
-                    raise CorpusError(f"{path}:{lineno}: field {field!r} is missing (fields present: {sorted(rec)})")
-            out.append(rec)
+    for where, rec in jsonl_records(Path(path)):
+        for field in required:
+            if field not in rec:
+                raise CorpusError(f"{where}: field {field!r} is missing (fields present: {sorted(rec)})")
+        out.append(rec)
     if not out:
         raise CorpusError(f"{path}: no records")
     return out

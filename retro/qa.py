@@ -197,16 +197,8 @@ class RetroQA:
         return self.model(**{k: batch[k].to(dev) for k in keys}).loss
 
     def generate(self, batch: dict, max_new_tokens: int = 32, **kwargs) -> list[str]:
-        dev = self.model.get_input_embeddings().weight.device
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            new = generate(self.model, **prompt_part(batch, self.retro_config.chunk_size, dev),
-                           max_new_tokens=max_new_tokens, retrieve=self.retrieve, tokenizer=self.tokenizer,
-                           eos_token_id=self.tokenizer.eos_token_id, pad_token_id=_pad_id(self.tokenizer), **kwargs)
-        finally:
-            self.model.train(was_training)
-        return _decode(self.tokenizer, new)
+        return _answer(self.model, self.tokenizer, batch, self.retro_config.chunk_size, max_new_tokens,
+                       retrieve=self.retrieve, **kwargs)
 
 
 class GPTQA:
@@ -234,15 +226,21 @@ class GPTQA:
         return self.model(**{k: batch[k].to(dev) for k in keys}).loss
 
     def generate(self, batch: dict, max_new_tokens: int = 32, **kwargs) -> list[str]:
-        dev = self.model.get_input_embeddings().weight.device
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            new = generate(self.model, **prompt_part(batch, 1, dev), max_new_tokens=max_new_tokens,
-                           eos_token_id=self.tokenizer.eos_token_id, pad_token_id=_pad_id(self.tokenizer), **kwargs)
-        finally:
-            self.model.train(was_training)
-        return _decode(self.tokenizer, new)
+        return _answer(self.model, self.tokenizer, batch, 1, max_new_tokens, **kwargs)
+
+
+def _answer(model, tokenizer, batch: dict, chunk_size: int, max_new_tokens: int, **kwargs) -> list[str]:
+    """Decode answers from the prompt part of `batch` in eval mode, restoring the model's mode afterwards."""
+    dev = model.get_input_embeddings().weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        new = generate(model, **prompt_part(batch, chunk_size, dev), max_new_tokens=max_new_tokens,
+                       tokenizer=tokenizer, eos_token_id=tokenizer.eos_token_id, pad_token_id=_pad_id(tokenizer),
+                       **kwargs)
+    finally:
+        model.train(was_training)
+    return _decode(tokenizer, new)
 
 
 def _pad_id(tokenizer) -> int:

@@ -6,18 +6,9 @@ evaluation script does; `score_answers` aggregates a dataset into percentages.
 from __future__ import annotations
 
 import collections
-import re
-import string
 from functools import lru_cache
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = set(string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and the articles a/an/the, collapse whitespace (SQuAD v1.1)."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
-    return " ".join(_ARTICLES.sub(" ", text).split())
+from retrieval import normalize_answer  # one normalisation for answer recall and for EM/F1
 
 
 def exact_match(prediction: str, golds: list[str]) -> float:
