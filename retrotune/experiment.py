@@ -201,7 +201,8 @@ def plot_scores(rows: list[dict], path: Path) -> None:
     for row in rows:
         if row["method"] == "zero-shot":
             axis.axhline(row["f1"], linestyle=":", linewidth=1, color="grey")
-            axis.annotate(f"{row['model']} zero-shot", (1, row["f1"]), fontsize=6, color="grey")
+            axis.annotate(f"{row['model']}, zero-shot", xy=(0.01, row["f1"]), xycoords=("axes fraction", "data"),
+                          fontsize=6, color="grey", va="bottom")
     axis.set_xscale("log")
     axis.set_xlabel("trainable parameters")
     axis.set_ylabel("validation F1")
