@@ -7,7 +7,7 @@ retro-pytorch half of `bench_retro_pytorch`, which runs in a separate environmen
 from __future__ import annotations
 
 import math
-
+import threading
 from collections.abc import Iterable, Sequence
 
 
@@ -32,3 +32,30 @@ def fmt(x: float, digits: int = 3) -> str:
 
 def mib(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:.0f}"
+
+
+class PeakSampler:
+    """This process's RSS sampled every few ms while the `with` block runs: the peak of the timed work alone.
+    (psutil is imported on entry, so the retro-pytorch environment, which does not use this, need not have it.)"""
+
+    def __init__(self, every_s: float = 0.005):
+        self._every, self.peak = every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self._every)
+
+    def __enter__(self):
+        import psutil
+
+        self._proc = psutil.Process()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)

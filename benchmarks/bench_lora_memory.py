@@ -16,12 +16,11 @@ import os
 import resource
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks import fmt, md_table, mib
+from benchmarks import PeakSampler, fmt, md_table, mib
 
 HERE = Path(__file__).resolve().parent
 MODES = ("inference", "lora", "full")
@@ -47,31 +46,6 @@ class Setup:
 
 FULL = Setup()
 TINY = Setup(model="tiny", batch=2, seq_len=32, steps=2)
-
-
-class PeakSampler:
-    """Samples this process's RSS every few ms: the peak of the steps alone, apart from loading."""
-
-    def __init__(self, every_s: float = 0.005):
-        import psutil
-
-        self._proc, self._every, self.peak = psutil.Process(), every_s, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            self._stop.wait(self._every)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
 def _load(setup: Setup):

@@ -16,11 +16,10 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 
-from benchmarks import fmt, md_table, mib
+from benchmarks import PeakSampler, fmt, md_table, mib
 
 METHODS: dict[str, dict] = {
     "lora": {"method": "lora", "r": 8, "targets": ["attention"]},
@@ -42,30 +41,6 @@ class Setup:
     chunk_size: int = 64
     neighbours: int = 2
     repeats: int = 2  # timed repetitions after one warm-up; the median is reported
-
-
-class PeakSampler:
-    """This process's RSS, sampled every few ms while the timed work runs."""
-
-    def __init__(self, every_s: float = 0.005):
-        import psutil
-
-        self._proc, self._every, self.peak = psutil.Process(), every_s, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            self._stop.wait(self._every)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def _timed(fn, repeats: int, device) -> float:
