@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from retrotune.config import ConfigError, load_config
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     from retrotune.runs import train_run
 
     summary = train_run(config, device=args.device or default_device())
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the first process reports
+        return 0
     print(json.dumps({"output_dir": config.output_dir, "steps": summary["steps"],
                       "trainable_parameters": summary["trainable_parameters"], "last": summary["last"]}, indent=2))
     return 0

@@ -184,7 +184,10 @@ def train_run(config: RunConfig, device: str | None = None) -> dict:
             return {"val_loss": mean_loss(m, val_batches, keys),
                     "val_loss_base": mean_loss(m, val_batches, keys, drop_neighbours=True)}
     else:
-        train_set, val_set = (with_neighbours(config, retriever, part) for part in qa_split(config))
+        from accelerate import PartialState
+
+        with PartialState().main_process_first():  # under torchrun one process fills the neighbour cache
+            train_set, val_set = (with_neighbours(config, retriever, part) for part in qa_split(config))
         qa = pipeline.qa_interface(config, model, tokenizer, retriever)
         collate = qa.encode_batch
         val_batches = [collate(val_set[i:i + bs]) for i in range(0, len(val_set), bs)]
