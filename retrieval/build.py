@@ -11,7 +11,6 @@ embedding shard are reused.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,8 +23,9 @@ from .chunks import ChunkDB, chunk_documents, write_chunk_db
 from .corpus import Document, corpus_hash
 from .embed import default_devices, embed_chunk_db, load_embeddings
 from .index import IndexConfig, build_faiss_index
-from .manifest import (FORMAT_VERSION, MANIFEST, IncompleteIndexError, embedder_dimension, embedder_fingerprint,
-                       embedder_name, read_manifest, tokenizer_fingerprint, tokenizer_name, write_json_atomic)
+from .manifest import (FORMAT_VERSION, MANIFEST, IncompleteIndexError, check_or_record, embedder_dimension,
+                       embedder_fingerprint, embedder_name, read_manifest, tokenizer_fingerprint, tokenizer_name,
+                       write_json_atomic)
 
 
 class BuildSettingsError(RuntimeError):
@@ -74,7 +74,8 @@ def build_index(docs: Sequence[Document], directory: str | Path, *, tokenizer, e
                      "dimension": embedder_dimension(embedder)},
         "with_title": cfg.with_title, "shard_size": cfg.shard_size,
     }
-    _check_or_record_settings(d, settings)
+    check_or_record(d / "build.json", settings, BuildSettingsError,
+                    "rerun with the original settings to resume, or pass --overwrite")
 
     if not (d / "chunks" / "info.json").exists():
         records = chunk_documents(docs, tokenizer, cfg.chunk_size, progress=progress)
@@ -101,19 +102,6 @@ def build_index(docs: Sequence[Document], directory: str | Path, *, tokenizer, e
     }
     write_json_atomic(d / MANIFEST, manifest)
     return manifest
-
-
-def _check_or_record_settings(d: Path, settings: dict) -> None:
-    path = d / "build.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise BuildSettingsError(f"{d} holds an unfinished build with other settings ({', '.join(diff)}); "
-                                     f"rerun with the original settings to resume, or pass --overwrite")
-    else:
-        d.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, settings)
 
 
 def is_index(directory: str | Path) -> bool:

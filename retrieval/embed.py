@@ -11,7 +11,6 @@ the title names). Queries are embedded as they are.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .chunks import ChunkDB
-from .manifest import write_json_atomic
+from .manifest import check_or_record
 
 
 class EmbeddingStateError(RuntimeError):
@@ -61,15 +60,8 @@ def embed_chunk_db(db: ChunkDB, embedder, directory: str | Path, *, state: dict,
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {**state, "shard_size": shard_size, "with_title": with_title, "num_chunks": len(db)}
-    state_path = d / "state.json"
-    if state_path.exists():
-        old = json.loads(state_path.read_text())
-        if old != state:
-            diff = sorted(k for k in set(old) | set(state) if old.get(k) != state.get(k))
-            raise EmbeddingStateError(f"{d}: embeddings on disk were made with different settings ({', '.join(diff)});"
-                                      f" pass --overwrite (overwrite=True) to rebuild from scratch")
-    else:
-        write_json_atomic(state_path, state)
+    check_or_record(d / "state.json", state, EmbeddingStateError,
+                    "pass --overwrite (overwrite=True) to rebuild the embeddings from scratch")
 
     n_shards = (len(db) + shard_size - 1) // shard_size
     todo = [s for s in range(n_shards) if not shard_path(d, s).exists()]

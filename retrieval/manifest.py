@@ -88,3 +88,15 @@ def embedder_fingerprint(embedder) -> str:
             h.update(str(tuple(p.shape)).encode())
             h.update(p.detach().flatten()[:1024].to("cpu", torch.float32).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def check_or_record(path: Path, settings: dict, error: type[Exception], remedy: str) -> None:
+    """Record the settings of a build step the first time; later, refuse to continue it with other settings."""
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise error(f"{path.parent} holds unfinished work made with other settings ({', '.join(diff)}); {remedy}")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, settings)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from retrotune import pipeline
+from retrotune import pipeline, plots
 from retrotune.config import ConfigError, RunConfig, apply_overrides
 from retrotune.runs import FINAL, evaluate_qa, load_trained, qa_split, train_run, with_neighbours, write_jsonl
 
@@ -169,8 +169,8 @@ def run_experiment(exp: ExperimentConfig) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     table = markdown_table(rows)
     (out / "results.md").write_text(table + "\n")
-    plot_scores(rows, out / "score_vs_parameters.png")
-    plot_curves(cells, out / "learning_curves.png")
+    plots.score_vs_parameters(rows, out / "score_vs_parameters.png")
+    plots.learning_curves(cells, out / "learning_curves.png")
     return {"table": table, **results}
 
 
@@ -183,50 +183,3 @@ def markdown_table(rows: list[dict]) -> str:
                      f"{row['train_seconds'] / 60:.1f} min | {row['em']:.1f} | {row['f1']:.1f} | {row['rouge_l']:.1f} | "
                      f"{'-' if row['answer_recall'] is None else format(row['answer_recall'], '.1f')} |")
     return "\n".join(lines)
-
-
-def plot_scores(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for model in sorted({r["model"] for r in rows if r["method"] != "zero-shot"}):
-        points = [(r["trainable_parameters"], r["f1"], r["method"]) for r in rows
-                  if r["model"] == model and r["method"] != "zero-shot"]
-        axis.scatter([p[0] for p in points], [p[1] for p in points], label=model)
-        for x, y, method in points:
-            axis.annotate(method, (x, y), fontsize=7)
-    for row in rows:
-        if row["method"] == "zero-shot":
-            axis.axhline(row["f1"], linestyle=":", linewidth=1, color="grey")
-            axis.annotate(f"{row['model']}, zero-shot", xy=(0.01, row["f1"]), xycoords=("axes fraction", "data"),
-                          fontsize=6, color="grey", va="bottom")
-    axis.set_xscale("log")
-    axis.set_xlabel("trainable parameters")
-    axis.set_ylabel("validation F1")
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def plot_curves(cells: list[Path], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for folder in cells:
-        metrics = folder / "metrics.jsonl"
-        if metrics.is_file():
-            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-            axis.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=folder.name)
-    axis.set_xlabel("optimiser step")
-    axis.set_ylabel("training loss")
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)

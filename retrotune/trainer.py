@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import random
 import shutil
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from retrotune import plots
 from retrotune.config import TrainConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -151,27 +151,7 @@ class _Metrics:
             writer = csv.DictWriter(handle, fieldnames=keys)
             writer.writeheader()
             writer.writerows(rows)
-        plot_learning_curve(rows, self.path.parent / "learning_curve.png")
-
-
-def plot_learning_curve(rows: list[dict], path: Path, title: str | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for key, style in (("loss", "-"), ("val_loss", "o-")):
-        points = [(row["step"], row[key]) for row in rows if key in row]
-        if points:
-            axis.plot(*zip(*points), style, label=key.replace("_", " "))
-    axis.set_xlabel("optimiser step")
-    axis.set_ylabel("loss")
-    axis.set_title(title or path.parent.name)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+        plots.learning_curve(rows, self.path.parent / "learning_curve.png")
 
 
 def fit(model: torch.nn.Module, train_set: Sequence, collate: Callable, loss_fn: Callable, config: TrainConfig,
