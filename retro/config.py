@@ -5,13 +5,15 @@ import dataclasses
 from dataclasses import dataclass
 
 
+CCA_INITS = ("copy", "zero")
+
+
 @dataclass(frozen=True)
 class RetroConfig:
     """What retro-fitting adds to a pretrained decoder.
 
-    `cca_layers` are 0-based decoder layer indices (the names HF uses, e.g. `model.layers.5`). `None` means the rule
-    of Borgeaud et al. (2022), every 3rd layer from the 6th (1-based), shrunk for shallow decoders; see
-    `default_cca_layers`. Widths and head counts left as `None` follow the decoder.
+    `cca_layers` are 0-based decoder layer indices (the names HF uses, e.g. `model.layers.5`). `None` means the top
+    layers of the decoder (see `default_cca_layers`, which explains why not RETRO's every-3rd-layer rule). Widths and head counts left as `None` follow the decoder.
     """
 
     chunk_size: int = 64  # m
@@ -24,6 +26,12 @@ class RetroConfig:
     cca_heads: int | None = None  # None -> decoder heads
     encoder_mlp_ratio: int = 4
     dropout: float = 0.0
+    # How a CCA block starts; both keep the retro-fitted model exact at step 0.
+    # "copy": value and output projections start as the identity, so the branch is a ready path from the neighbours'
+    #   token embeddings into the residual stream, held shut by a zero gate that training opens (give the gates a
+    #   high learning rate: `train.lr_scales: {gate: ...}`). Needs encoder_width == decoder width.
+    # "zero": output projection zero, gate open; everything is learned from scratch.
+    cca_init: str = "copy"
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -56,6 +64,7 @@ class RetroConfig:
         need(isinstance(self.encoder_mlp_ratio, int) and self.encoder_mlp_ratio >= 1,
              f"encoder_mlp_ratio must be a positive int, got {self.encoder_mlp_ratio!r}")
         need(0.0 <= float(self.dropout) < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
+        need(self.cca_init in CCA_INITS, f"cca_init must be one of {CCA_INITS}, got {self.cca_init!r}")
 
     def resolved(self, n_layers: int, hidden: int, heads: int) -> "RetroConfig":
         """This config with every `None` filled in for a decoder of `n_layers` layers, width `hidden`, `heads` heads."""
@@ -93,18 +102,21 @@ class RetroConfig:
 
 
 def default_cca_layers(n_layers: int) -> tuple[int, ...]:
-    """0-based layers that get chunked cross-attention.
+    """0-based layers that get chunked cross-attention when retro-fitting.
 
-    Deep decoders (>= 12 layers) follow RETRO: 1-based layers 6, 9, 12, ... up to the last (30 layers -> 6..30).
-    Shallower ones start at the middle layer and use every layer (<= 7 layers) or every 2nd (8..11 layers), so a
-    4-layer decoder gets 1-based layers 2, 3, 4: retrieval still enters above the lowest layer, as in RETRO.
+    Deep decoders (>= 12 layers) get CCA on their top ceil(n/8) layers (at least 2): 30 layers -> 0-based 26..29.
+    Borgeaud et al. (2022) place CCA on every 3rd layer from the 6th, but they train the whole model; beside a frozen
+    decoder, CCA near the top reads its neighbours into states the LM head uses directly, and on the key -> value
+    copy task (benchmarks/bench_copy_task.py) the top 4 layers of SmolLM2 learned to read where RETRO's rule
+    (9 layers from the 6th) did not within the same steps. Shallower decoders start at the middle layer and use
+    every layer (<= 7 layers) or every 2nd (8..11 layers): a 4-layer decoder gets 0-based layers 1, 2, 3.
     """
     if n_layers < 1:
         raise ValueError(f"a decoder needs at least one layer, got {n_layers}")
     if n_layers >= 12:
-        start, step = 6, 3
-    else:
-        start, step = max(1, (n_layers + 1) // 2), (1 if n_layers < 8 else 2)
+        top = max(2, -(-n_layers // 8))
+        return tuple(range(n_layers - top, n_layers))
+    start, step = max(1, (n_layers + 1) // 2), (1 if n_layers < 8 else 2)
     return tuple(i - 1 for i in range(start, n_layers + 1, step))
 
 

@@ -43,11 +43,11 @@ def _attend(mod: nn.Module, x: torch.Tensor, kv: torch.Tensor, key_valid: torch.
 
 
 def _attend_projected(mod: nn.Module, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      key_valid: torch.Tensor) -> torch.Tensor:
-    """`_attend` with keys/values already projected: k, v (N, Tk, out)."""
+                      key_valid: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+    """`_attend` with keys/values already projected: k, v (N, Tk, out); `q` (N, Tq, out) replaces q_proj(x)."""
     N, Tq, _ = x.shape
     Tk, h = k.shape[1], mod.heads
-    q = mod.q_proj(x).view(N, Tq, h, -1).transpose(1, 2)  # (N, h, Tq, d)
+    q = (mod.q_proj(x) if q is None else q).view(N, Tq, h, -1).transpose(1, 2)  # (N, h, Tq, d)
     k = k.reshape(N, Tk, h, -1).transpose(1, 2)  # (N, h, Tk, d)
     v = v.reshape(N, Tk, h, -1).transpose(1, 2)  # (N, h, Tk, d)
     out, _ = masked_attention(q, k, v, key_valid, mod.dropout if mod.training else 0.0)
@@ -87,6 +87,12 @@ class EncoderLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(width)
         self.mlp = MLP(width, mlp_ratio)
         self.drop = nn.Dropout(dropout)
+        # Residual branches start at zero: a fresh encoder passes each neighbour token's embedding through unchanged,
+        # so what CCA first reads is the neighbour's own tokens, not random mixing of them (which at init is several
+        # times larger than an embedding).
+        for proj in (self.self_attn.o_proj, self.cross_attn.o_proj, self.mlp.down_proj):
+            nn.init.zeros_(proj.weight)
+        nn.init.zeros_(self.mlp.down_proj.bias)
 
     def forward(self, x: torch.Tensor, token_valid: torch.Tensor, chunk: torch.Tensor,
                 chunk_valid: torch.Tensor) -> torch.Tensor:
@@ -114,6 +120,9 @@ class NeighbourEncoder(nn.Module):
         super().__init__()
         self.in_proj = nn.Identity() if width == embed_width else nn.Linear(embed_width, width, bias=False)
         self.pos = nn.Parameter(torch.randn(neighbour_length, width) * 0.02)  # learned positions inside a neighbour
+        # A pretrained decoder's hidden states reach norms of ~100 (and ~800 on attention-sink tokens) against ~3 for
+        # token embeddings: unnormalised keys/values would drown the neighbour's own content after one cross-attention.
+        self.chunk_norm = nn.LayerNorm(decoder_width)
         self.layers = nn.ModuleList(
             EncoderLayer(width, decoder_width, heads, mlp_ratio, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
@@ -126,6 +135,7 @@ class NeighbourEncoder(nn.Module):
             raise ValueError(f"neighbours have length R={R} but the encoder was built for at most "
                              f"{self.pos.shape[0]} tokens (RetroConfig.neighbour_length)")
         token_valid = neighbours >= 0  # (N, K, R)
+        chunk = self.chunk_norm(chunk)
         x = self.in_proj(embed(neighbours.clamp(min=0)).to(self.pos.dtype)) + self.pos[:R]  # (N, K, R, E)
         for layer in self.layers:
             x = layer(x, token_valid, chunk, chunk_valid)
@@ -135,19 +145,50 @@ class NeighbourEncoder(nn.Module):
 class ChunkedCrossAttention(nn.Module):
     """One CCA block: the decoder's hidden states attend their chunk's encoded neighbours, added through a tanh gate.
 
-    The gate starts at zero, so a freshly retro-fitted model computes exactly what its base computes.
+    Exact at step 0 either way (`init`): "copy" starts the value and output projections as the identity (a path from
+    the encoded neighbour tokens straight into the residual stream) behind a zero gate; "zero" starts the output
+    projection at zero behind an open gate.
     Projections are named q_proj/k_proj/v_proj/o_proj so PEFT methods can target them by name.
     """
 
-    def __init__(self, decoder_width: int, encoder_width: int, heads: int, dropout: float):
+    def __init__(self, decoder_width: int, encoder_width: int, heads: int, dropout: float, init: str = "copy"):
         super().__init__()
         self.norm = nn.LayerNorm(decoder_width)
         _init_projections(self, decoder_width, encoder_width, decoder_width, heads, dropout)
-        self.gate = nn.Parameter(torch.zeros(1))
+        # An induction path: a query also sees its own input token, a key the neighbour token before it. In half of
+        # the heads these projections start equal (orthogonal), so from the first step a position holding token x
+        # attends to the token after x in its neighbours: CCA continues a neighbour's text where the decoder's text
+        # matches it (a pretrained decoder's top-layer states encode the next token more than the current one).
+        # The other heads start without it and look up neighbours by content.
+        self.token_norm = nn.LayerNorm(decoder_width)
+        self.q_token_proj = nn.Linear(decoder_width, decoder_width, bias=False)
+        self.k_prev_proj = nn.Linear(encoder_width, decoder_width, bias=False)
+        with torch.no_grad():
+            nn.init.orthogonal_(self.q_token_proj.weight)
+            self.q_token_proj.weight[(heads // 2) * (decoder_width // heads):] = 0
+            self.k_prev_proj.weight.zero_()
+            if encoder_width == decoder_width:
+                self.k_prev_proj.weight.copy_(self.q_token_proj.weight)
+        if init == "copy":
+            if encoder_width != decoder_width:
+                raise ValueError(f"cca_init='copy' needs the encoder as wide as the decoder ({encoder_width} != "
+                                 f"{decoder_width}); use cca_init='zero' or encoder_width=None")
+            nn.init.eye_(self.v_proj.weight)
+            nn.init.eye_(self.o_proj.weight)
+            gate = 0.0
+        elif init == "zero":
+            nn.init.zeros_(self.o_proj.weight)
+            gate = 1.0
+        else:
+            raise ValueError(f"unknown CCA init {init!r}; choose 'copy' or 'zero'")
+        self.gate = nn.Parameter(torch.full((1,), gate))
 
     def forward(self, hidden: torch.Tensor, encoded: torch.Tensor, encoded_valid: torch.Tensor,
-                offset: int, chunk_size: int, kv_cache: dict | None = None) -> torch.Tensor:
-        """hidden (B, n, D) at absolute positions offset..offset+n-1; encoded (B, L, K*R, E), encoded_valid (B, L, K*R).
+                offset: int, chunk_size: int, kv_cache: dict | None = None,
+                neighbour_length: int | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (B, n, D) at absolute positions offset..offset+n-1; encoded (B, L, K*R, E), encoded_valid (B, L, K*R);
+        `neighbour_length` R (default: K*R, one neighbour) marks where each neighbour starts; `tokens` (B, n, D) are
+        the input embeddings at those positions (the queries' induction path; without them it is off).
 
         Position p attends the neighbours of chunk u = (p + 1) // m - 1: the last token of chunk u and the first m-1
         tokens of chunk u+1 see chunk u's neighbours (RETRO's causal shift); positions before m-1 attend nothing.
@@ -158,7 +199,11 @@ class ChunkedCrossAttention(nn.Module):
         done = kv_cache["k"].shape[1] if "k" in kv_cache else 0
         if encoded.shape[1] > done:
             fresh = encoded[:, done:]  # (B, new chunks, K*R, E)
-            k_new, v_new = self.k_proj(fresh), self.v_proj(fresh)  # (B, new chunks, K*R, D)
+            Bf, c, KR, E = fresh.shape
+            R = neighbour_length or KR
+            before = F.pad(fresh.reshape(Bf, c, KR // R, R, E)[:, :, :, :-1], (0, 0, 1, 0)).reshape(Bf, c, KR, E)
+            k_new = self.k_proj(fresh) + self.k_prev_proj(before)  # (B, new chunks, K*R, D)
+            v_new = self.v_proj(fresh)  # (B, new chunks, K*R, D)
             kv_cache["k"] = k_new if not done else torch.cat([kv_cache["k"], k_new], dim=1)
             kv_cache["v"] = v_new if not done else torch.cat([kv_cache["v"], v_new], dim=1)
         B, n, D = hidden.shape
@@ -168,10 +213,17 @@ class ChunkedCrossAttention(nn.Module):
         front = s0 - first * m  # window slots before `offset`
         Lw = -(-(front + n) // m)
         chunk_index = torch.arange(first, first + Lw, device=hidden.device)  # (Lw,) chunk whose neighbours it sees
-        padded = F.pad(self.norm(hidden), (0, 0, front, Lw * m - front - n))  # (B, Lw*m, D)
+        query = self.q_proj(self.norm(hidden))  # (B, n, D)
+        if tokens is not None:
+            query = query + self.q_token_proj(self.token_norm(tokens.to(hidden.dtype)))
+        padded = F.pad(query, (0, 0, front, Lw * m - front - n))  # (B, Lw*m, D)
         safe = chunk_index.clamp(min=0)
         k = kv_cache["k"][:, safe].flatten(0, 1)  # (B*Lw, K*R, D)
         v = kv_cache["v"][:, safe].flatten(0, 1)  # (B*Lw, K*R, D)
         valid = (encoded_valid[:, safe] & (chunk_index >= 0)[None, :, None]).flatten(0, 1)  # (B*Lw, K*R)
-        out = _attend_projected(self, padded.view(B * Lw, m, D), k, v, valid).view(B, Lw * m, D)[:, front:front + n]
-        return hidden + torch.tanh(self.gate).to(out.dtype) * out  # (B, n, D)
+        windows = padded.view(B * Lw, m, D)
+        out = _attend_projected(self, windows, k, v, valid, q=windows).view(B, Lw * m, D)[:, front:front + n]
+        # The branch is scaled by each position's residual RMS: a pretrained decoder's stream runs at RMS 5-25, and
+        # an unscaled branch learning at the usual rates would stay a few percent of it for hundreds of steps.
+        scale = hidden.detach().float().pow(2).mean(-1, keepdim=True).sqrt().to(out.dtype)  # (B, n, 1)
+        return hidden + torch.tanh(self.gate).to(out.dtype) * scale * out  # (B, n, D)

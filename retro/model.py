@@ -37,6 +37,7 @@ class _RetroState:
     pending: torch.Tensor | None = None  # (B, offset - L_enc*m, D) first-CCA-layer states of the unfinished chunk
     encoded: torch.Tensor | None = None  # (B, L_enc, K*R, E) encoded neighbours of finished chunks
     encoded_valid: torch.Tensor | None = None  # (B, L_enc, K*R) bool
+    neighbour_length: int | None = None  # R
     with_neighbours: bool | None = None
     cca_kv: dict = field(default_factory=dict)  # layer -> {"k", "v"}: (B, L_enc, K*R, D) projected per CCA block
 
@@ -47,6 +48,7 @@ class _Step:
     neighbours: torch.Tensor  # (B, L, K, R)
     attention_mask: torch.Tensor | None  # (B, offset + n) or None
     n: int  # new tokens in this forward
+    tokens: torch.Tensor | None = None  # (B, n, D) input embeddings of the new tokens (CCA's induction path)
 
 
 class RetroModel(nn.Module):
@@ -66,7 +68,8 @@ class RetroModel(nn.Module):
                                         config.encoder_heads, config.neighbour_length, config.encoder_mlp_ratio,
                                         config.dropout)
         self.cca = nn.ModuleDict({str(i): ChunkedCrossAttention(hidden, config.encoder_width, config.cca_heads,
-                                                                config.dropout) for i in config.cca_layers})
+                                                                config.dropout, config.cca_init)
+                                  for i in config.cca_layers})
         self.encoder.to(device=emb.device, dtype=emb.dtype)
         self.cca.to(device=emb.device, dtype=emb.dtype)
         self._step: _Step | None = None
@@ -84,6 +87,18 @@ class RetroModel(nn.Module):
         """The parameters retro-fitting added (encoder and CCA blocks; the shared embedding table is not one)."""
         yield from self.encoder.parameters()
         yield from self.cca.parameters()
+
+    def retro_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The added parameters by role, for per-group learning rates: "gate" (the CCA gates, one scalar each),
+        "cca_qk" (where to look in the neighbours: CCA query and key projections), "cca" (the rest of the CCA blocks)
+        and "encoder" (the neighbour encoder)."""
+        gates = [block.gate for block in self.cca.values()]
+        qk = [p for block in self.cca.values()
+              for p in (*block.q_proj.parameters(), *block.k_proj.parameters(), *block.k_prev_proj.parameters(),
+                        *block.q_token_proj.parameters(), *block.token_norm.parameters())]
+        taken = {id(p) for p in gates + qk}
+        return {"gate": gates, "cca_qk": qk, "cca": [p for p in self.cca.parameters() if id(p) not in taken],
+                "encoder": list(self.encoder.parameters())}
 
     def retro_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()} | \
@@ -128,7 +143,10 @@ class RetroModel(nn.Module):
                              "(None means the base model alone)")
         if neighbours is not None:
             neighbours = self._check_neighbours(neighbours, B, state.offset + n)
-        step = _Step(state, neighbours, attention_mask, n) if neighbours is not None else None
+        step = None
+        if neighbours is not None:
+            tokens = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
+            step = _Step(state, neighbours, attention_mask, n, tokens)
         self._step = step
         try:
             out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -183,7 +201,8 @@ class RetroModel(nn.Module):
             if state.encoded is None:  # no chunk finished yet: nothing to attend anywhere
                 return output
             hidden = self.cca[str(layer)](hidden, state.encoded, state.encoded_valid, state.offset, self.chunk_size,
-                                          kv_cache=state.cca_kv.setdefault(layer, {}))
+                                          kv_cache=state.cca_kv.setdefault(layer, {}),
+                                          neighbour_length=state.neighbour_length, tokens=step.tokens)
             return hidden if isinstance(output, torch.Tensor) else (hidden,) + tuple(output[1:])
 
         return hook
@@ -216,7 +235,7 @@ class RetroModel(nn.Module):
             if state.encoded is not None:
                 enc = torch.cat([state.encoded, enc], dim=1)
                 valid = torch.cat([state.encoded_valid, valid], dim=1)
-            state.encoded, state.encoded_valid = enc, valid
+            state.encoded, state.encoded_valid, state.neighbour_length = enc, valid, R
             full = full[:, c * m:]
         state.pending = full
 

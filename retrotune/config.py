@@ -14,6 +14,8 @@ import yaml
 STAGES = ("retrofit", "finetune")
 MODELS = ("retro", "gpt")
 SCHEDULES = ("linear", "cosine", "constant")
+LR_GROUPS = ("gate", "cca_qk", "cca", "encoder")  # RetroModel.retro_parameter_groups()
+RETRO_LR_SCALES = {"gate": 50, "cca_qk": 10, "cca": 0.3, "encoder": 0.3}
 
 
 class ConfigError(ValueError):
@@ -41,6 +43,11 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (bf16/fp16 need a GPU; auto takes bf16 there)
     gradient_checkpointing: bool = False
     seed: int = 0
+    # Learning-rate multipliers for RETRO's added layers, by group: gate (the CCA gates), cca_qk (CCA query/key
+    # projections), cca (the rest of CCA), encoder. The default opens the gates fast, lets the queries learn where
+    # to look at 10x the rate and moves the copy path CCA starts as (`cca_init: copy`) slowly; it is what reads
+    # the key -> value copy task in 10 steps (benchmarks/bench_copy_task.py). No effect on other parameters.
+    lr_scales: dict = field(default_factory=lambda: dict(RETRO_LR_SCALES))
 
     def __post_init__(self):
         for name in ("lr", "weight_decay", "max_grad_norm"):
@@ -55,6 +62,12 @@ class TrainConfig:
         _need(self.schedule in SCHEDULES, f"train.schedule {self.schedule!r} is unknown; choose one of {SCHEDULES}")
         _need(self.precision in ("auto", "fp32", "bf16", "fp16"),
               f"train.precision {self.precision!r} is unknown; choose auto, fp32, bf16 or fp16")
+        _need(isinstance(self.lr_scales, dict), f"train.lr_scales must be a mapping such as {{gate: 100}}, "
+                                                 f"got {self.lr_scales!r}")
+        for name, scale in self.lr_scales.items():
+            _need(name in LR_GROUPS, f"train.lr_scales: unknown group {name!r}; choose from {LR_GROUPS}")
+            _need(isinstance(scale, (int, float)) and scale > 0,
+                  f"train.lr_scales.{name} must be a positive number, got {scale!r}")
         _need(0 <= self.warmup_steps < self.max_steps,
               f"train.warmup_steps ({self.warmup_steps}) must be >= 0 and below train.max_steps ({self.max_steps})")
 
@@ -68,6 +81,7 @@ class DataConfig:
     validation_size: int | None = 64  # validation questions (loss during training, EM/F1 at evaluation)
     validation_generate: int = 32  # of those, how many are answered for EM/F1 at each validation during training
     sequence_chunks: int = 4  # retrofit: corpus sequences of this many chunks
+    self_neighbour_rate: float = 0.0  # retrofit: share of chunks given themselves + continuation as first neighbour
     max_question_tokens: int = 64
     max_answer_tokens: int = 16
 
@@ -75,6 +89,8 @@ class DataConfig:
         _need(self.train_size is None or self.train_size >= 1, "data.train_size must be >= 1 or null (all)")
         _need(0 < self.validation_fraction < 1, "data.validation_fraction must be in (0, 1)")
         _need(self.sequence_chunks >= 1, "data.sequence_chunks must be >= 1")
+        _need(isinstance(self.self_neighbour_rate, (int, float)) and 0 <= self.self_neighbour_rate <= 1,
+              f"data.self_neighbour_rate must be a number in [0, 1], got {self.self_neighbour_rate!r}")
 
 
 @dataclass

@@ -18,7 +18,7 @@ import yaml
 
 from retrotune import pipeline, plots
 from retrotune.config import ConfigError, RunConfig, apply_overrides
-from retrotune.runs import FINAL, evaluate_qa, load_trained, qa_split, train_run, with_neighbours, write_jsonl
+from retrotune.runs import CONTROLS, FINAL, evaluate_with_controls, load_trained, qa_split, train_run, with_neighbours
 
 ZERO_SHOT = ("gpt_closed_book", "gpt", "retro")
 
@@ -34,11 +34,19 @@ class ExperimentConfig:
     peft: list[dict] = field(default_factory=lambda: [{"method": "lora"}])
     train_sizes: list[int | None] | None = None  # the data-scale axis; None: run.data.train_size alone
     seeds: list[int] = field(default_factory=lambda: [0])
+    # every row that reads neighbours is also scored with shuffled neighbours and with none (the retrieval gain)
+    controls: list[str] = field(default_factory=lambda: list(CONTROLS))
+    # merged into each PEFT entry of the RETRO cells, e.g. {train_retro: true}: whether RETRO's added layers
+    # (CCA and neighbour encoder) also train during fine-tuning
+    retro_peft: dict = field(default_factory=dict)
 
     def __post_init__(self):
         unknown = sorted(set(self.zero_shot) - set(ZERO_SHOT))
         if unknown:
             raise ConfigError(f"zero_shot: {unknown} unknown; choose from {ZERO_SHOT}")
+        unknown = sorted(set(self.controls) - set(CONTROLS))
+        if unknown:
+            raise ConfigError(f"controls: {unknown} unknown; choose from {CONTROLS} (or [] for none)")
         if self.train_sizes is None:
             self.train_sizes = [self.run.get("data", {}).get("train_size")]
         for name in ("models", "peft", "train_sizes", "seeds"):
@@ -92,10 +100,9 @@ def _cached(path: Path, compute):
     return result
 
 
-def _evaluate(qa, records, config: RunConfig, out: Path, desc: str) -> dict:
-    scores, rows = evaluate_qa(qa, records, config.train.batch_size, config.max_new_tokens, config.neighbours, desc)
-    write_jsonl(out / "predictions.jsonl", rows)
-    return scores
+def _evaluate(qa, records, config: RunConfig, out: Path, desc: str, controls=()) -> dict:
+    return evaluate_with_controls(qa, records, out, config.train.batch_size, config.max_new_tokens,
+                                  config.neighbours, controls, desc)
 
 
 def zero_shot_rows(exp: ExperimentConfig, out: Path, retrofit_dir: Path | None) -> list[dict]:
@@ -116,7 +123,8 @@ def zero_shot_rows(exp: ExperimentConfig, out: Path, retrofit_dir: Path | None) 
             model = pipeline.build_model(run, base, retriever, with_peft=False)
             records = validation if name != "gpt_closed_book" else [{**r, "neighbour_texts": []} for r in validation]
             qa = pipeline.qa_interface(run, model, tokenizer, retriever)
-            scores = _evaluate(qa, records, run, folder, f"zero-shot {name}")
+            controls = () if name == "gpt_closed_book" else exp.controls
+            scores = _evaluate(qa, records, run, folder, f"zero-shot {name}", controls)
             if name == "gpt_closed_book":
                 scores["answer_recall"] = None  # it reads no neighbours
             if model_kind == "retro":
@@ -146,6 +154,7 @@ def run_experiment(exp: ExperimentConfig) -> dict:
     cells = []
     for model, peft, size, seed in itertools.product(exp.models, exp.peft, exp.train_sizes, exp.seeds):
         name = f"{model}-{peft['method']}-n{size or 'all'}-s{seed}"
+        peft = {**peft, **exp.retro_peft} if model == "retro" else peft
         folder = out / "cells" / name
         config = _run_config(exp, model=model, peft=peft, output_dir=str(folder), data={"train_size": size},
                              train={"seed": seed},
@@ -157,7 +166,7 @@ def run_experiment(exp: ExperimentConfig) -> dict:
         def compute():
             qa, _, retriever = load_trained(folder)
             validation = with_neighbours(config, retriever, qa_split(config)[1])
-            return _evaluate(qa, validation, config, folder / "eval", f"evaluate {name}")
+            return _evaluate(qa, validation, config, folder / "eval", f"evaluate {name}", exp.controls)
 
         scores = _cached(folder / "eval" / "scores.json", compute)
         label = {"gpt": "GPT + neighbours in prompt", "retro": "RETRO"}[model]
@@ -175,11 +184,22 @@ def run_experiment(exp: ExperimentConfig) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| model | method | train questions | trainable params | train time | EM | F1 | ROUGE-L | answer recall@k |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """One row per model and method; the control columns give F1 with shuffled neighbours and with none, and the
+    retrieval gain (F1 with the true neighbours minus F1 with shuffled ones)."""
+    lines = ["| model | method | train questions | trainable params | train time | EM | F1 | ROUGE-L | answer recall@k "
+             "| F1 shuffled | F1 none | retrieval gain (F1) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def num(value) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
     for row in rows:
         size = "-" if row["method"] == "zero-shot" else ("all" if row["train_size"] is None else row["train_size"])
+        controls = row.get("controls") or {}
+        gain = row.get("retrieval_gain_f1")
         lines.append(f"| {row['model']} | {row['method']} | {size} | {row['trainable_parameters']:,} | "
                      f"{row['train_seconds'] / 60:.1f} min | {row['em']:.1f} | {row['f1']:.1f} | {row['rouge_l']:.1f} | "
-                     f"{'-' if row['answer_recall'] is None else format(row['answer_recall'], '.1f')} |")
+                     f"{num(row['answer_recall'])} | {num(controls.get('shuffled', {}).get('f1'))} | "
+                     f"{num(controls.get('none', {}).get('f1'))} | "
+                     f"{'-' if gain is None else format(gain, '+.1f')} |")
     return "\n".join(lines)

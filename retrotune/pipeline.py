@@ -68,7 +68,7 @@ def _with_texts(retriever, ids: np.ndarray, tokens: np.ndarray) -> Neighbours:
 
 def qa_records(examples: list[QAExample], neighbours: Neighbours, with_answers: bool) -> list[dict]:
     """What the QA contract encodes: question, neighbour tokens and texts, and (for training) the first gold answer."""
-    return [{"id": e.id, "question": e.question, "answers": list(e.answers),
+    return [{"id": e.id, "question": e.question, "answers": list(e.answers), "group": e.group,
              **({"answer": e.answers[0]} if with_answers else {}),
              "neighbour_tokens": neighbours.tokens[i], "neighbour_texts": neighbours.texts[i]}
             for i, e in enumerate(examples)]

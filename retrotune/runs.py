@@ -43,15 +43,25 @@ def make_loss(model_kind: str):
 
 # ---- retro-fit data: corpus sequences of whole chunks from one document, with their precomputed neighbours ----
 
-def corpus_sequences(retriever, sequence_chunks: int, k: int, validation_fraction: float, seed: int = 0):
+def corpus_sequences(retriever, sequence_chunks: int, k: int, validation_fraction: float, seed: int = 0,
+                     self_neighbour_rate: float = 0.0):
     """Cut every document into runs of up to `sequence_chunks` chunks; each chunk's neighbours come from other
     documents (RETRO's rule). Whole documents are held out for validation. Returns (train, validation) lists of
-    {"tokens": (n*m,) with -1 padding, "neighbours": (n, K, R)}."""
+    {"tokens": (n*m,) with -1 padding, "neighbours": (n, K, R)}.
+
+    `self_neighbour_rate`: the share of chunks whose first neighbour is the chunk itself with its continuation, as a
+    duplicate of the document in the database would give. Neighbours from other documents of a small corpus carry
+    topic but almost nothing the next chunk needs, so a retro-fit on them alone learns to ignore its neighbours;
+    a neighbour that holds the continuation is what teaches CCA to read. The leak is explicit and seeded, and the
+    same share applies to the validation documents."""
     db = retriever.db
     doc = np.asarray(db.doc)
     neighbours = _chunk_neighbours(retriever, k)
-    documents = np.unique(doc)
     rng = np.random.default_rng(seed)
+    if self_neighbour_rate > 0:
+        chosen = np.flatnonzero(rng.random(len(doc)) < self_neighbour_rate)
+        neighbours[chosen, 0] = db.neighbour_tokens(chosen)
+    documents = np.unique(doc)
     held = set(rng.choice(documents, size=max(1, round(validation_fraction * len(documents))), replace=False).tolist())
     train, validation = [], []
     starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])
@@ -103,6 +113,49 @@ def mean_loss(model, batches, keys, drop_neighbours: bool = False) -> float:
     return total / max(count, 1)
 
 
+# ---- retrieval-gain controls: the same questions with another question's neighbours, or with none ----
+
+CONTROLS = ("shuffled", "none")
+
+
+def donors(groups: list[str]) -> list[int]:
+    """For each example, the example whose neighbours it gets in the shuffled control: never itself when there are
+    two or more, and from another group (article) wherever the split allows, so the donor's neighbours are unlikely
+    to hold this example's answer. Deterministic."""
+    n = len(groups)
+    order = sorted(range(n), key=lambda i: (groups[i], i))  # grouped, then rolled by half: groups meet others
+    shift = max(1, n // 2) if n > 1 else 0
+    donor = [0] * n
+    for j, i in enumerate(order):
+        donor[i] = order[(j + shift) % n]
+    return donor
+
+
+def control_records(records: list[dict], control: str) -> list[dict]:
+    """QA records under a control: `shuffled` gives each question the neighbours (tokens and texts alike) of a
+    question of another article; `none` gives it no neighbours (RETRO then computes exactly its base model; GPT
+    gets the closed-book prompt)."""
+    if control == "none":
+        return [{**r, "neighbour_tokens": np.full_like(np.asarray(r["neighbour_tokens"]), -1), "neighbour_texts": []}
+                for r in records]
+    if control != "shuffled":
+        raise ValueError(f"unknown control {control!r}; choose from {CONTROLS}")
+    donor = donors([str(r.get("group", i)) for i, r in enumerate(records)])
+    return [{**r, "neighbour_tokens": records[d]["neighbour_tokens"], "neighbour_texts": records[d]["neighbour_texts"]}
+            for r, d in zip(records, donor)]
+
+
+def shuffled_sequences(items: list[dict]) -> list[dict]:
+    """Retro-fit sequences with another sequence's neighbours (cut or -1 padded to this one's chunk count)."""
+    donor = donors([str(i) for i in range(len(items))])
+    out = []
+    for item, d in zip(items, donor):
+        theirs, L = items[d]["neighbours"], len(item["neighbours"])
+        pad = np.full((max(0, L - len(theirs)),) + theirs.shape[1:], -1, theirs.dtype)
+        out.append({**item, "neighbours": np.concatenate([theirs[:L], pad])})
+    return out
+
+
 # ---- QA evaluation ----
 
 def evaluate_qa(qa, records: list[dict], batch_size: int = 8, max_new_tokens: int = 16, k: int | None = None,
@@ -123,6 +176,27 @@ def evaluate_qa(qa, records: list[dict], batch_size: int = 8, max_new_tokens: in
              "em": exact_match(p, r["answers"]), "f1": f1_score(p, r["answers"]), "rouge_l": rouge_l(p, r["answers"]),
              "answer_in_neighbours": hit} for r, p, hit in zip(records, predictions, found)]
     return scores, rows
+
+
+def evaluate_with_controls(qa, records: list[dict], out: Path, batch_size: int = 8, max_new_tokens: int = 16,
+                           k: int | None = None, controls=CONTROLS, desc: str = "evaluate") -> dict:
+    """Scores with the true neighbours plus, under `controls`, the same questions with shuffled neighbours and with
+    none. Each evaluation writes `out/<true|control>/predictions.jsonl` and `scores.json`; a score a previous run
+    left is read back, so an interrupted evaluation resumes."""
+    def cached(folder: Path, recs: list[dict], label: str) -> dict:
+        file = folder / "scores.json"
+        if file.is_file():
+            return json.loads(file.read_text())
+        scores, rows = evaluate_qa(qa, recs, batch_size, max_new_tokens, k, label)
+        write_jsonl(folder / "predictions.jsonl", rows)
+        file.write_text(json.dumps(scores, indent=2))
+        return scores
+
+    scores = dict(cached(out / "true", records, desc))
+    scores["controls"] = {c: cached(out / c, control_records(records, c), f"{desc} [{c}]") for c in controls}
+    if "shuffled" in scores["controls"]:
+        scores["retrieval_gain_f1"] = scores["f1"] - scores["controls"]["shuffled"]["f1"]
+    return scores
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -176,12 +250,18 @@ def train_run(config: RunConfig, device: str | None = None) -> dict:
 
     if config.stage == "retrofit":
         train_set, val_set = corpus_sequences(retriever, config.data.sequence_chunks, config.neighbours,
-                                              config.data.validation_fraction, config.train.seed)
+                                              config.data.validation_fraction, config.train.seed,
+                                              config.data.self_neighbour_rate)
         collate = lambda items: collate_sequences(items, pad)  # noqa: E731
         val_batches = [collate(val_set[i:i + bs]) for i in range(0, len(val_set), bs)]
 
+        shuffled_batches = [collate(part[i:i + bs]) for part in [shuffled_sequences(val_set)]
+                            for i in range(0, len(part), bs)]
+
         def validate(m):
+            # a model that reads its neighbours has val_loss well below val_loss_shuffled; val_loss_base is the base
             return {"val_loss": mean_loss(m, val_batches, keys),
+                    "val_loss_shuffled": mean_loss(m, shuffled_batches, keys),
                     "val_loss_base": mean_loss(m, val_batches, keys, drop_neighbours=True)}
     else:
         from accelerate import PartialState
@@ -191,9 +271,11 @@ def train_run(config: RunConfig, device: str | None = None) -> dict:
         qa = pipeline.qa_interface(config, model, tokenizer, retriever)
         collate = qa.encode_batch
         val_batches = [collate(val_set[i:i + bs]) for i in range(0, len(val_set), bs)]
+        shuffled_set = control_records(val_set, "shuffled")
+        shuffled_batches = [collate(shuffled_set[i:i + bs]) for i in range(0, len(shuffled_set), bs)]
 
         def validate(m):
-            row = {"val_loss": mean_loss(m, val_batches, keys)}
+            row = {"val_loss": mean_loss(m, val_batches, keys), "val_loss_shuffled": mean_loss(m, shuffled_batches, keys)}
             if config.data.validation_generate:
                 scores, _ = evaluate_qa(pipeline.qa_interface(config, m, tokenizer, retriever),
                                         val_set[:config.data.validation_generate], bs, config.max_new_tokens,
@@ -202,8 +284,10 @@ def train_run(config: RunConfig, device: str | None = None) -> dict:
             return row
 
     run_config = {**config.to_dict(), **{key: identity[key] for key in ("index_hash",)}}
+    retro_model = next((m for m in model.modules() if hasattr(m, "retro_parameter_groups")), None)
+    named_groups = retro_model.retro_parameter_groups() if retro_model is not None else None
     result = fit(model, train_set, collate, make_loss(config.model), config.train, output_dir, run_config,
-                 validate=validate)
+                 validate=validate, named_groups=named_groups)
     if config.stage == "retrofit":
         retro = sum(p.numel() for p in model.retro_parameters())
         counts = {"retro": retro, "trainable": retro, "total": sum(p.numel() for p in model.parameters())}

@@ -154,12 +154,30 @@ class _Metrics:
         plots.learning_curve(rows, self.path.parent / "learning_curve.png")
 
 
+def param_groups(parameters: list, named: dict[str, list] | None, lr: float, lr_scales: dict[str, float]) -> list[dict]:
+    """Optimiser groups: the trained parameters of each named group with an `lr_scales` entry get `lr * scale`, the
+    rest `lr`. Scales name RETRO's added layers (gate, cca_qk, cca, encoder); for a model without them (the GPT
+    baseline), or whose added layers do not train, they have nothing to act on."""
+    training = {id(p) for p in parameters}
+    placed: set[int] = set()
+    groups = []
+    for name, scale in lr_scales.items():
+        params = [p for p in (named or {}).get(name, []) if id(p) in training and id(p) not in placed]
+        placed |= {id(p) for p in params}
+        if params:
+            groups.append({"params": params, "lr": lr * scale, "name": name})
+    rest = [p for p in parameters if id(p) not in placed]
+    return ([{"params": rest, "lr": lr, "name": "default"}] if rest else []) + groups
+
+
 def fit(model: torch.nn.Module, train_set: Sequence, collate: Callable, loss_fn: Callable, config: TrainConfig,
-        output_dir: str | Path, run_config: dict, validate: Callable | None = None, resume: bool = True) -> FitResult:
+        output_dir: str | Path, run_config: dict, validate: Callable | None = None, resume: bool = True,
+        named_groups: dict[str, list] | None = None) -> FitResult:
     """Train the parameters of `model` that require grad on `train_set` until `config.max_steps` optimiser steps.
 
     `loss_fn(model, batch) -> scalar loss`; `validate(model) -> {"val_loss": ..., ...}` runs every `eval_every` steps
     and at the end. `run_config` is stored with each checkpoint; resuming is refused if it differs in substance.
+    `named_groups` (name -> parameters) lets `config.lr_scales` give a group its own learning rate.
     """
     import time
 
@@ -184,7 +202,8 @@ def fit(model: torch.nn.Module, train_set: Sequence, collate: Callable, loss_fn:
     parameters = [p for p in model.parameters() if p.requires_grad]
     if not parameters:
         raise ValueError("no parameter requires grad: the PEFT method or stage left nothing to train")
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(parameters, named_groups, config.lr, config.lr_scales),
+                                  lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=config.max_steps)
     metrics = _Metrics(output_dir, accelerator.is_main_process)

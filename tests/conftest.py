@@ -59,3 +59,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def open_retro(model, gate: float = 1.0, seed: int = 0):
+    """Make retrieval visible in a fresh RETRO model, as training would: each CCA block gets a random output
+    projection (it starts at zero, which keeps a new model exact) and the gate `gate`. Returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.cca.values():
+            w = block.o_proj.weight
+            w.copy_(torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5)
+    model.set_gates(gate)
+    return model

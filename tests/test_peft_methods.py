@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import TINY_FAMILIES, TINY_VOCAB, build_tiny_lm
+from conftest import TINY_FAMILIES, TINY_VOCAB, build_tiny_lm, open_retro
 import peft_methods as pm
 
 retro = pytest.importorskip("retro")
@@ -31,7 +31,7 @@ def build_base(kind: str, family: str, seed: int = 0) -> torch.nn.Module:
     if kind == "gpt":
         return lm
     model = retro.retrofit(lm, retro.RetroConfig(chunk_size=M, num_neighbours=K))
-    model.set_gates(0.5)  # open the gates so retrieval (and adapters on CCA/encoder) shape the outputs
+    open_retro(model, 0.5)  # open the gates so retrieval (and adapters on CCA/encoder) shape the outputs
     return model.eval()
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import TINY_VOCAB, build_tiny_lm
+from conftest import TINY_VOCAB, build_tiny_lm, open_retro
 import peft_methods as pm
 
 retro = pytest.importorskip("retro")
@@ -12,7 +12,7 @@ M, K, R = 4, 2, 8
 
 def retro_model(family: str = "llama"):
     model = retro.retrofit(build_tiny_lm(family), retro.RetroConfig(chunk_size=M, num_neighbours=K))
-    model.set_gates(1.0)  # make retrieval visible in the logits
+    open_retro(model)  # make retrieval visible in the logits
     return model.eval()
 
 

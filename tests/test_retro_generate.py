@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import TINY_VOCAB
+from conftest import TINY_VOCAB, open_retro
 from retro import RetroConfig, generate, retrofit
 
 M, K, R = 4, 2, 8
@@ -32,7 +32,7 @@ class RecordingRetriever:
 
 def setup(tiny_lm):
     model = retrofit(tiny_lm, RetroConfig(chunk_size=M, num_neighbours=K))
-    model.set_gates(1.0)
+    open_retro(model)
     model.eval()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, TINY_VOCAB, (2, 2 * M + 1), generator=g)

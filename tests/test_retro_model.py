@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import TINY_VOCAB, build_tiny_lm
+from conftest import TINY_VOCAB, build_tiny_lm, open_retro
 from retro import RetroConfig, default_cca_layers, retrofit
 
 M, K, R = 4, 2, 8
@@ -15,8 +15,8 @@ def random_neighbours(B, L, seed=0, k=K, r=R):
 
 def make(tiny_lm, gate=1.0, **kw):
     model = retrofit(tiny_lm, RetroConfig(chunk_size=M, num_neighbours=K, **kw))
-    # default init leaves CCA weights random and gates at 0; a non-zero gate makes retrieval visible
-    model.set_gates(gate)
+    # a new model's CCA output projections are zero; random ones and an open gate make retrieval visible
+    open_retro(model, gate)
     return model.eval()
 
 
@@ -26,7 +26,8 @@ def logits(model, ids, nb, **kw):
 
 
 def test_config_validation_and_default_layers():
-    assert default_cca_layers(30) == tuple(i - 1 for i in range(6, 31, 3))  # 1-based 6, 9, ..., 30
+    assert default_cca_layers(30) == (26, 27, 28, 29)  # the top ceil(30 / 8) layers
+    assert default_cca_layers(12) == (10, 11)
     assert default_cca_layers(4) == (1, 2, 3)
     assert RetroConfig(chunk_size=16).neighbour_length == 32
     with pytest.raises(ValueError, match="chunk_size"):
@@ -162,7 +163,7 @@ def test_retrofit_smollm2_default_layers_and_identity():
 
     base, tok = load_decoder("smollm2-135m")
     model = retrofit(base, RetroConfig())
-    assert model.config.cca_layers == tuple(range(5, 30, 3))  # 1-based layers 6, 9, ..., 30
+    assert model.config.cca_layers == (26, 27, 28, 29)
     assert model.config.neighbour_length == 128 and model.config.encoder_width == 576
     ids = torch.tensor([tok("The Eiffel Tower is in the city of")["input_ids"] * 10])[:, :70]
     nb = torch.randint(0, len(tok), (1, 2, 2, 128))
@@ -170,7 +171,7 @@ def test_retrofit_smollm2_default_layers_and_identity():
         want = base(input_ids=ids).logits
         got = model(input_ids=ids, neighbours=nb).logits
     assert (got - want).abs().max().item() <= 1e-5
-    model.set_gates(1.0)
+    open_retro(model)
     with torch.no_grad():
         moved = model(input_ids=ids, neighbours=nb).logits
     diff = (moved - want).abs().amax(-1)[0]

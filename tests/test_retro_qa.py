@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_VOCAB, build_tiny_lm
+from conftest import TINY_VOCAB, build_tiny_lm, open_retro
 from retro import GPTQA, RetroConfig, RetroQA, gpt_prompt, qa_layout, retrofit
 
 M = 4
@@ -83,7 +83,7 @@ def test_gpt_prompt_budget_keeps_the_question_and_shares_equally():
 def test_retro_and_gpt_share_one_contract(tiny_family, template):
     tok = char_tokenizer(template)
     retro = retrofit(build_tiny_lm(tiny_family), RetroConfig(chunk_size=M, num_neighbours=2))
-    retro.set_gates(0.5)
+    open_retro(retro, 0.5)
     gpt = build_tiny_lm(tiny_family)
     for qa in (RetroQA(retro, tok), GPTQA(gpt, tok, num_neighbours=2, budget=120)):
         batch = qa.encode_batch(examples(tok))
@@ -108,7 +108,7 @@ def test_retro_and_gpt_share_one_contract(tiny_family, template):
 def test_retro_qa_re_retrieves_through_a_retriever_object():
     tok = char_tokenizer()
     retro = retrofit(build_tiny_lm("llama"), RetroConfig(chunk_size=M, num_neighbours=2))
-    retro.set_gates(1.0)
+    open_retro(retro)
 
     class Retriever:
         def __init__(self):
