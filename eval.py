@@ -59,7 +59,7 @@ def _checkpoint(args) -> int:
                                                                               out / "neighbours"), with_answers=False)
     else:
         records = with_neighbours(config, retriever, qa_split(config)[1][:args.limit])
-    scores, rows = evaluate_qa(qa, records, config.train.batch_size, config.max_new_tokens, config.neighbours)
+    scores, rows = evaluate_qa(qa, records, config.eval_batch_size, config.max_new_tokens, config.neighbours)
     write_jsonl(out / "predictions.jsonl", rows)
     (out / "scores.json").write_text(json.dumps(scores, indent=2))
     print(json.dumps(scores, indent=2))

@@ -164,7 +164,7 @@ class ChunkedCrossAttention(nn.Module):
         self.q_token_proj = nn.Linear(decoder_width, decoder_width, bias=False)
         self.k_prev_proj = nn.Linear(encoder_width, decoder_width, bias=False)
         with torch.no_grad():
-            nn.init.orthogonal_(self.q_token_proj.weight)
+            nn.init.orthogonal_(self.q_token_proj.weight, gain=2 ** 0.5)  # a match scores 16 per head
             self.q_token_proj.weight[(heads // 2) * (decoder_width // heads):] = 0
             self.k_prev_proj.weight.zero_()
             if encoder_width == decoder_width:

@@ -107,6 +107,7 @@ class RunConfig:
     retro: dict = field(default_factory=dict)  # RetroConfig fields
     peft: dict = field(default_factory=lambda: {"method": "lora"})  # method name + its config fields
     max_new_tokens: int = 16
+    eval_batch_size: int = 16  # questions answered together at evaluation
     prompt_budget: int = 384  # GPT baseline: tokens for neighbours + question
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -101,7 +101,7 @@ def _cached(path: Path, compute):
 
 
 def _evaluate(qa, records, config: RunConfig, out: Path, desc: str, controls=()) -> dict:
-    return evaluate_with_controls(qa, records, out, config.train.batch_size, config.max_new_tokens,
+    return evaluate_with_controls(qa, records, out, config.eval_batch_size, config.max_new_tokens,
                                   config.neighbours, controls, desc)
 
 
