@@ -19,13 +19,12 @@ from pathlib import Path
 
 def _experiment(args) -> int:
     from retrotune.experiment import load_experiment, run_experiment
-    from retrotune.preflight import check_model_name, check_peft
+    from retrotune.config import RunConfig
+    from retrotune.preflight import check_peft, check_run
 
     started = time.perf_counter()
     exp = load_experiment(args.file, args.overrides)
-    run = exp.run
-    check_model_name(run.get("decoder", "smollm2-135m"), "decoder")
-    check_model_name(run.get("embedder", "minilm"), "embedder")
+    check_run(RunConfig(**{**exp.run, "stage": "finetune"}), index=False)  # the experiment builds a missing index
     for i, peft in enumerate(exp.peft):
         check_peft(peft, f"peft[{i}]")
     results = run_experiment(exp)

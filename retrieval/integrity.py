@@ -81,6 +81,26 @@ def json_digest(obj: dict, algorithm: str | None = None) -> str:
     return bytes_digest(text.encode("utf-8"), algorithm)
 
 
+def seal(obj: dict) -> dict:
+    """`obj` with "checksum": "ALGORITHM:HEX" of its canonical JSON (without that key): a manifest's self-check."""
+    body = {k: v for k, v in obj.items() if k != "checksum"}
+    algorithm = default_algorithm()
+    return {**body, "checksum": f"{algorithm}:{json_digest(body, algorithm)}"}
+
+
+def seal_intact(obj: dict) -> bool | None:
+    """Whether a sealed object is unchanged; None when it carries no seal or this machine lacks its algorithm."""
+    seal_value = obj.get("checksum")
+    if not isinstance(seal_value, str) or ":" not in seal_value:
+        return None if seal_value is None else False
+    algorithm, digest = seal_value.split(":", 1)
+    if algorithm not in ALGORITHMS:
+        return False
+    if algorithm == "xxh3_128" and xxhash is None:
+        return None
+    return json_digest({k: v for k, v in obj.items() if k != "checksum"}, algorithm) == digest
+
+
 def record_file(path: str | Path, algorithm: str | None = None) -> dict:
     algorithm = algorithm or default_algorithm()
     return {"size": os.path.getsize(path), algorithm: file_digest(path, algorithm)}

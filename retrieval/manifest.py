@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from .integrity import IntegrityError, json_digest, record_files
+from .integrity import IntegrityError, record_files, seal, seal_intact
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -36,8 +36,7 @@ class IndexCorruptError(RetrievalIndexError):
 
 def write_manifest(directory: str | Path, manifest: dict, files: list[str]) -> dict:
     """Record `files` (relative to `directory`) and the manifest's own checksum, then write it atomically (last)."""
-    manifest = {**manifest, "files": record_files(directory, files)}
-    manifest["checksum"] = json_digest(manifest)
+    manifest = seal({**manifest, "files": record_files(directory, files)})
     write_json_atomic(Path(directory) / MANIFEST, manifest)
     return manifest
 
@@ -68,14 +67,8 @@ def read_manifest(directory: str | Path, kind: str = "index") -> dict:
         raise IndexCorruptError(f"{path}: the manifest is not UTF-8 text; {remedy(directory, kind)}") from None
     if not isinstance(manifest, dict):
         raise IndexCorruptError(f"{path}: the manifest is not a JSON object; {remedy(directory, kind)}")
-    if "checksum" in manifest:
-        body = {k: v for k, v in manifest.items() if k != "checksum"}
-        try:
-            same = json_digest(body) == manifest["checksum"]
-        except ImportError:  # written with xxhash, read without it: the file checks below still compare sizes
-            same = True
-        if not same:
-            raise IndexCorruptError(f"{path}: the manifest was edited after the build (its checksum no longer "
+    if seal_intact(manifest) is False:  # None: no seal (older manifest) or sealed with xxh3 and no xxhash here
+        raise IndexCorruptError(f"{path}: the manifest was edited after the build (its checksum no longer "
                                     f"matches its content); {remedy(directory, kind)}")
     if manifest.get("kind") != kind or manifest.get("format_version") != FORMAT_VERSION:
         raise IncompleteIndexError(f"{path}: expected a {kind} manifest of format version {FORMAT_VERSION}, found "

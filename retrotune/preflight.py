@@ -26,7 +26,10 @@ def check_model_name(name: str, kind: str) -> None:
     from retrotune import models
 
     aliases = models.DECODER_ALIASES if kind == "decoder" else models.EMBEDDER_ALIASES
-    if name in aliases or Path(name).expanduser().is_dir() or models._looks_like_hub_id(name):
+    if name in aliases:
+        models._package_dir(aliases[name])  # the package that ships its files is installed
+        return
+    if Path(name).expanduser().is_dir() or models._looks_like_hub_id(name):
         return
     raise models._unknown(name, kind)
 
@@ -58,8 +61,6 @@ def check_run(config: RunConfig, index: bool = True, data: bool = True) -> None:
     if config.init_from and not (Path(config.init_from) / "final" / "retro").is_dir():
         raise ConfigError(f"init_from: {config.init_from} holds no finished retro-fit run (no final/retro); train "
                           f"it first with a retrofit config, or fix the path")
-    if index:
-        check_index(config.index)
     if data and config.stage == "finetune":
         from retrotune.runs import qa_split
 
@@ -67,3 +68,5 @@ def check_run(config: RunConfig, index: bool = True, data: bool = True) -> None:
             qa_split(config)
         except ValueError as error:  # QADataError, or an empty split
             raise ConfigError(f"data.qa: {error}") from None
+    if index:
+        check_index(config.index)

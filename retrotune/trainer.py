@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from retrieval.integrity import IntegrityError, json_digest, record_files, verify_files
+from retrieval.integrity import IntegrityError, record_files, seal, seal_intact, verify_files
 from retrotune import plots
 from retrotune.config import TrainConfig
 
@@ -137,9 +137,9 @@ def verify_checkpoint(checkpoint: Path, checksums=True) -> None:
         return
     try:
         manifest = json.loads(path.read_text())
-        body = {k: v for k, v in manifest.items() if k != "checksum"}
-        intact = json_digest(body) == manifest["checksum"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        intact = isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) \
+            and seal_intact(manifest) is not False
+    except ValueError:  # not JSON, or not UTF-8
         intact = False
     if not intact:
         raise IntegrityError(path, "unreadable or edited", remedy)
@@ -189,8 +189,7 @@ def _save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict,
                    staging / "optimizer.pt")
         (staging / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
         (staging / "state.json").write_text(json.dumps(state, indent=2))
-        manifest = {"kind": "checkpoint", "step": state["step"], "files": record_files(staging, CHECKPOINT_FILES)}
-        manifest["checksum"] = json_digest(manifest)
+        manifest = seal({"kind": "checkpoint", "step": state["step"], "files": record_files(staging, CHECKPOINT_FILES)})
         (staging / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest, indent=2))  # last
         if target.exists():
             shutil.rmtree(target)

@@ -6,8 +6,8 @@ import os
 import pytest
 
 import retrieval.integrity as integrity
-from retrieval.integrity import (IntegrityError, file_digest, files_under, json_digest, record_files, stamp_verified,
-                                 verify_files)
+from retrieval.integrity import (IntegrityError, file_digest, files_under, json_digest, record_files, seal,
+                                 seal_intact, stamp_verified, verify_files)
 
 
 @pytest.fixture
@@ -87,3 +87,13 @@ def test_json_digest_is_canonical_and_sensitive():
     b = json.loads(json.dumps(a, indent=4))
     assert json_digest(a) == json_digest(dict(reversed(list(b.items()))))
     assert json_digest(a) != json_digest({**a, "chunk_size": 32})
+
+
+def test_seal_detects_edits_and_names_its_algorithm():
+    sealed = seal({"num_chunks": 4968, "chunk_size": 64})
+    assert sealed["checksum"].startswith(integrity.default_algorithm() + ":")
+    assert seal_intact(sealed) is True
+    assert seal_intact({**sealed, "chunk_size": 32}) is False
+    assert seal_intact({"chunk_size": 64}) is None  # no seal: nothing to compare
+    sha = {**{"a": 1}, "checksum": "sha256:" + json_digest({"a": 1}, "sha256")}
+    assert seal_intact(sha) is True and seal_intact({**sha, "a": 2}) is False
