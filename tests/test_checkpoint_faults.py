@@ -23,6 +23,24 @@ def _fit(out, steps, loss_fn=None, **overrides):
     return fit(tiny.model(), tiny.data(), tiny.collate, loss_fn, config, out, run_config={"model": "tiny"})
 
 
+class Stop(Exception):
+    pass
+
+
+def _interrupted(out, steps=9, at_call=7):
+    """The 9-step run stopped in step 7: checkpoint-3 and checkpoint-6 are on disk (same schedule as the full run)."""
+    calls = {"n": 0}
+
+    def stops(m, b):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise Stop
+        return m(**b).loss
+
+    with pytest.raises(Stop):
+        _fit(out, steps, loss_fn=stops)
+
+
 def _losses(out):
     return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
@@ -41,7 +59,7 @@ def _truncate(path: Path, keep: float = 0.5) -> None:
 
 @pytest.mark.parametrize("name", ["trainable.safetensors", "optimizer.pt", "state.json"])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, uninterrupted, name):
-    _fit(tmp_path, 6)
+    _interrupted(tmp_path)
     assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-6", "checkpoint-3"]
     _truncate(tmp_path / "checkpoint-6" / name)
     with pytest.raises(IntegrityError, match=name):
@@ -58,7 +76,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
 
 def test_checkpoint_without_manifest_is_checked_by_loading(tmp_path, capsys, uninterrupted):
     """A checkpoint written before manifests existed: a truncated file is found when it fails to load."""
-    _fit(tmp_path, 6)
+    _interrupted(tmp_path)
     (tmp_path / "checkpoint-6" / "manifest.json").unlink()
     _truncate(tmp_path / "checkpoint-6" / "optimizer.pt")
     result = _fit(tmp_path, 9)
@@ -67,7 +85,7 @@ def test_checkpoint_without_manifest_is_checked_by_loading(tmp_path, capsys, uni
 
 
 def test_every_checkpoint_damaged_is_an_error_not_a_silent_restart(tmp_path):
-    _fit(tmp_path, 6)
+    _interrupted(tmp_path)
     for checkpoint in checkpoints(tmp_path):
         _truncate(checkpoint / "trainable.safetensors")
     with pytest.raises(CheckpointError, match=r"every checkpoint is damaged .*checkpoint-6.*checkpoint-3.*delete"):
@@ -94,7 +112,7 @@ def _run_process(out, steps, kill_at=None):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     cmd = [sys.executable, str(ROOT / "tests" / "tiny_fit_run.py"), str(out), str(steps)]
     return subprocess.run(cmd + ([str(kill_at)] if kill_at else []), env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=1800)
 
 
 def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path):
