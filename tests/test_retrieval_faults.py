@@ -43,7 +43,7 @@ def model():
 @pytest.fixture(scope="module")
 def index(tmp_path_factory, model):
     root = tmp_path_factory.mktemp("faults")
-    corpus = write_corpus(root / "corpus.jsonl")
+    corpus = write_corpus(root / "docs.jsonl")
     assert main(["build", "--corpus", str(corpus), "--out", str(root / "index"), "--tokenizer", model,
                  "--embedder", model, "--chunk-size", "8"]) == 0
     return root / "index", corpus
@@ -108,7 +108,7 @@ def test_edited_manifest_is_an_error(copy, capsys, index):
 
 
 def test_non_utf8_corpus_names_file_and_line(tmp_path, model, capsys):
-    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    corpus = write_corpus(tmp_path / "docs.jsonl")
     with open(corpus, "ab") as f:
         f.write(b'{"id": "x", "title": "", "text": "caf\xe9 au lait"}\n')
     assert main(["build", "--corpus", str(corpus), "--out", str(tmp_path / "i"), "--tokenizer", model,
@@ -158,7 +158,7 @@ def test_eval_qa_gold_passage_lists_and_field_flags(index, tmp_path, capsys):
 
 def test_killed_small_build_resumes(tmp_path, model):
     """kill -9 during the embedding of a corpus far below one shard; the rerun embeds only what was not saved."""
-    corpus = write_corpus(tmp_path / "corpus.jsonl", repeat=6)
+    corpus = write_corpus(tmp_path / "docs.jsonl", repeat=6)
     out = tmp_path / "i"
     driver = tmp_path / "killed_build.py"
     driver.write_text(
@@ -204,7 +204,7 @@ def test_killed_small_build_resumes(tmp_path, model):
 
 
 def test_concurrent_build_of_one_folder_is_refused_then_waits(tmp_path, model, capsys):
-    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    corpus = write_corpus(tmp_path / "docs.jsonl")
     out = tmp_path / "i"
     driver = tmp_path / "held_build.py"
     release = tmp_path / "release"
