@@ -176,7 +176,7 @@ def test_killed_small_build_resumes(tmp_path, model):
     flags = ["--corpus", str(corpus), "--tokenizer", model, "--embedder", model, "--chunk-size", "8",
              "--batch-size", "2"]  # 8 chunks a group; the default shard of 8,192 chunks
     proc = subprocess.run([sys.executable, str(driver), "build", "--out", str(out), *flags], cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert len(list((out / "embeddings" / "partial").glob("*.npy"))) == 2
     assert not (out / "manifest.json").exists()
