@@ -6,6 +6,7 @@
 
 Scores: SQuAD exact match and F1, ROUGE-L, and answer recall@k of the neighbours (is the answer in what was
 retrieved?), which tells reader errors from retriever errors. Predictions are saved as JSONL beside the scores.
+Bad input is reported as one `error: ...` line with exit status 2 (`--debug`: traceback).
 """
 from __future__ import annotations
 
@@ -15,14 +16,18 @@ import sys
 import time
 from pathlib import Path
 
-from retrotune.config import ConfigError
-
 
 def _experiment(args) -> int:
     from retrotune.experiment import load_experiment, run_experiment
+    from retrotune.config import RunConfig
+    from retrotune.preflight import check_peft, check_run
 
     started = time.perf_counter()
-    results = run_experiment(load_experiment(args.file, args.overrides))
+    exp = load_experiment(args.file, args.overrides)
+    check_run(RunConfig(**{**exp.run, "stage": "finetune"}), index=False)  # the experiment builds a missing index
+    for i, peft in enumerate(exp.peft):
+        check_peft(peft, f"peft[{i}]")
+    results = run_experiment(exp)
     print(results["table"])
     print(f"\nfinished in {(time.perf_counter() - started) / 60:.1f} min; results in "
           f"{load_experiment(args.file, args.overrides).output_dir}/results.md")
@@ -32,8 +37,10 @@ def _experiment(args) -> int:
 def _zero_shot(args) -> int:
     from retrotune.experiment import ExperimentConfig, markdown_table, zero_shot_rows
     from retrotune.config import load_config
+    from retrotune.preflight import check_run
 
     config = load_config(args.file, args.overrides)
+    check_run(config.__class__(**{**config.to_dict(), "stage": "finetune", "init_from": None}))
     out = Path(args.out or Path(config.output_dir) / "zero-shot-eval")
     run = {k: v for k, v in config.to_dict().items() if k not in ("stage", "model", "init_from")}
     exp = ExperimentConfig(output_dir=str(out), run=run, corpus=None, zero_shot=args.models)
@@ -47,7 +54,15 @@ def _checkpoint(args) -> int:
     from retrotune.qa import load_qa, take
     from retrotune.runs import evaluate_qa, load_trained, qa_split, with_neighbours, write_jsonl
     from retrotune import pipeline
+    from retrotune.preflight import check_index
 
+    if not (Path(args.run) / "final" / "run.json").is_file():
+        raise FileNotFoundError(f"{args.run} holds no finished run (no final/run.json); train it first, or resume it "
+                                f"with the same train.py command")
+    if args.index:
+        check_index(args.index)
+    if args.qa:
+        load_qa(args.qa)
     qa, summary, retriever = load_trained(Path(args.run), config_index=args.index, decoder=args.decoder)
     from retrotune.config import RunConfig
 
@@ -88,11 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint.add_argument("--qa", help="other QA questions to evaluate on (default: the run's validation split)")
     checkpoint.add_argument("--limit", type=int, help="evaluate only the first N questions")
     checkpoint.set_defaults(handler=_checkpoint)
+    for command in (experiment, zero, checkpoint):
+        command.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
     args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except ConfigError as error:
-        parser.error(str(error))
+    from retrieval.errors import run_cli
+    from retrotune.preflight import expected_errors
+
+    return run_cli(args.handler, args, expected_errors(), debug=args.debug)
 
 
 if __name__ == "__main__":

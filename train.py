@@ -4,7 +4,8 @@
     python train.py configs/finetune_gpt_lora.yaml train.max_steps=200 peft.r=16 output_dir=runs/gpt-r16
     torchrun --nproc_per_node 4 train.py configs/finetune_gpt_lora.yaml     # data-parallel on 4 GPUs
 
-Re-running the same command resumes from the newest checkpoint in output_dir.
+Re-running the same command resumes from the newest checkpoint in output_dir (or, when it is damaged, from the
+newest intact one). Bad input is reported as one `error: ...` line with exit status 2 (`--debug`: traceback).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import json
 import os
 import sys
 
-from retrotune.config import ConfigError, load_config
+from retrotune.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,11 +22,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="a YAML run config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested fields: train.lr=3e-4")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        parser.error(str(error))
+    from retrieval.errors import run_cli
+    from retrotune.preflight import expected_errors
+
+    return run_cli(_train, args, expected_errors(), debug=args.debug)
+
+
+def _train(args) -> int:
+    from retrotune.preflight import check_run
+
+    config = load_config(args.config, args.overrides)
+    check_run(config)  # before any model is loaded
     from retrotune.models import default_device
     from retrotune.runs import train_run
 

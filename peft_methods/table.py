@@ -106,15 +106,26 @@ def load_cli_decoder(name: Optional[str], tiny: bool) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").eval()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit status 2 with one `error: ...` line when the model cannot be found or read (`--debug`: traceback)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="decoder alias or folder (default: the project's default decoder)")
     parser.add_argument("--tiny", action="store_true", help="use a 4-layer toy Llama instead")
     parser.add_argument("--chunk-size", type=int, default=64, help="RETRO chunk size m for the RETRO column")
     parser.add_argument("--no-retro", action="store_true", help="GPT column only")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
     args = parser.parse_args(argv)
+    if args.chunk_size <= 0:
+        parser.error(f"--chunk-size must be a positive number of tokens, got {args.chunk_size}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    base = load_cli_decoder(args.model, args.tiny)
+    try:
+        base = load_cli_decoder(args.model, args.tiny)
+    except OSError as error:  # a missing folder or file, an unknown alias, no hub: the user's to fix
+        if args.debug:
+            raise
+        print(f"error: the decoder {args.model or 'smollm2-135m'!r} could not be loaded ({str(error).splitlines()[0]})"
+              f"; pass --model with a model folder or alias, or --tiny", file=sys.stderr)
+        return 2
     models: dict[str, Factory] = {"GPT": lambda: copy.deepcopy(base)}
     if not args.no_retro:
         try:
@@ -125,7 +136,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             chunk = 4 if args.tiny else args.chunk_size
             models["RETRO"] = lambda: retrofit(copy.deepcopy(base), RetroConfig(chunk_size=chunk))
     print(parameter_table(models))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

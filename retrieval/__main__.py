@@ -64,19 +64,22 @@ def index_dir(name_or_path: str) -> Path:
 
 def open_retriever(args, need_tokenizer: bool = False):
     from retrieval import Retriever
-    from retrieval.manifest import read_manifest
+    from retrieval.manifest import read_manifest, verify_directory
 
     d = index_dir(args.index)
     man = read_manifest(d)
+    verify = True if args.verify else "auto"
+    verify_directory(d, man, verify)  # before seconds of model loading
     embedder = load_embedder(args.embedder or man["embedder"]["name"], device=getattr(args, "device", None))
     tokenizer = load_tokenizer(args.tokenizer or man["tokenizer"]["name"]) if (need_tokenizer or args.tokenizer) \
         else None
-    return Retriever.load(d, tokenizer=tokenizer, embedder=embedder, chunk_size=args.chunk_size, nprobe=args.nprobe)
+    return Retriever.load(d, tokenizer=tokenizer, embedder=embedder, chunk_size=args.chunk_size, nprobe=args.nprobe,
+                          verify=False)  # checked above
 
 
 # ---- commands
 def cmd_build(args) -> int:
-    from retrieval import BuildConfig, CorpusSpec, IndexConfig, build_index, load_corpus
+    from retrieval import BuildConfig, BuildSettingsError, CorpusSpec, IndexConfig, build_index, load_corpus
 
     out = Path(args.out) if args.out else INDEX_ROOT / args.name
     spec = CorpusSpec(args.corpus, args.format, args.id_field, args.title_field or None, args.text_field,
@@ -85,14 +88,18 @@ def cmd_build(args) -> int:
     if args.max_docs:
         docs = docs[:args.max_docs]
     print(f"corpus: {len(docs)} documents from {args.corpus}", file=sys.stderr)
-    cfg = BuildConfig(chunk_size=args.chunk_size, batch_size=args.batch_size, shard_size=args.shard_size,
-                      with_title=not args.no_title, overwrite=args.overwrite,
-                      devices=args.devices.split(",") if args.devices else None,
-                      index=IndexConfig(factory=args.factory, nprobe=args.nprobe,
-                                        memory_budget_gb=args.memory_budget_gb, flat_threshold=args.flat_threshold))
+    try:
+        cfg = BuildConfig(chunk_size=args.chunk_size, batch_size=args.batch_size, shard_size=args.shard_size,
+                          with_title=not args.no_title, overwrite=args.overwrite, wait_for_lock=args.wait,
+                          devices=args.devices.split(",") if args.devices else None,
+                          index=IndexConfig(factory=args.factory, nprobe=args.nprobe,
+                                            memory_budget_gb=args.memory_budget_gb,
+                                            flat_threshold=args.flat_threshold))
+    except ValueError as e:
+        raise BuildSettingsError(f"build flags: {e}") from None
     manifest = build_index(docs, out, tokenizer=load_tokenizer(args.tokenizer),
                            embedder=load_embedder(args.embedder, device=args.device), config=cfg,
-                           tokenizer_alias=args.tokenizer, embedder_alias=args.embedder)
+                           tokenizer_alias=args.tokenizer, embedder_alias=args.embedder, source=args.corpus)
     print(json.dumps({k: manifest[k] for k in ("num_documents", "num_chunks", "factory", "nprobe",
                                                "tuned_recall_at_10", "last_run_seconds")}, indent=2))
     print(f"index written to {out}", file=sys.stderr)
@@ -125,7 +132,8 @@ def cmd_eval(args) -> int:
         result = evaluate_beir(retriever, args.beir, split=args.split, k=args.k, chunk_depth=args.chunk_depth,
                                limit=args.limit)
     else:
-        result = evaluate_qa(retriever, args.qa, ks=args.ks, limit=args.limit)
+        result = evaluate_qa(retriever, args.qa, ks=args.ks, limit=args.limit, question_field=args.question_field,
+                             answers_field=args.answers_field, passage_field=args.passage_field)
     result = {"index": str(index_dir(args.index)), **result}
     if args.json:
         print(json.dumps(result, indent=2))
@@ -151,9 +159,14 @@ def cmd_neighbours(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from retrieval.manifest import read_manifest
+    from retrieval.manifest import read_manifest, verify_directory
 
-    print(json.dumps(read_manifest(index_dir(args.index)), indent=2))
+    d = index_dir(args.index)
+    man = read_manifest(d)
+    verify_directory(d, man, True if args.verify else False)
+    if args.verify:
+        print(f"{d}: {len(man.get('files', {}))} files match their sizes and checksums", file=sys.stderr)
+    print(json.dumps(man, indent=2))
     return 0
 
 
@@ -161,6 +174,7 @@ def cmd_info(args) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m retrieval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -195,6 +209,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--memory-budget-gb", type=float, default=8.0, help="memory for the stored vectors")
     b.add_argument("--flat-threshold", type=int, default=100_000, help="exact search up to this many chunks")
     b.add_argument("--overwrite", action="store_true", help="delete an existing index or partial build first")
+    b.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="while another build of the same "
+                   "directory runs, wait this long for it (-1: as long as it takes) instead of stopping")
     b.set_defaults(func=cmd_build)
 
     def query_side(sp):
@@ -204,6 +220,9 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--chunk-size", type=int, default=None, help="refuse the index unless built with this size")
         sp.add_argument("--nprobe", type=int, default=None, help="override the index's nprobe (IVF only)")
         sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        sp.add_argument("--verify", action="store_true", help="check the checksum of every file of the index "
+                        "(by default: files up to 1 GiB at every load, bigger ones once after they change; sizes "
+                        "and counts always)")
 
     s = sub.add_parser("search", help="print the top-k chunks for one or more queries", formatter_class=fmt)
     query_side(s)
@@ -218,13 +237,19 @@ def parser() -> argparse.ArgumentParser:
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--beir", help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv "
                      "(prints nDCG@10, recall@k, MRR@10)")
-    src.add_argument("--qa", help="QA JSONL with question, answers, passage_id (prints gold-passage and answer "
-                     "recall@k)")
+    src.add_argument("--qa", help="QA JSONL with a question, its answers and its gold passage id(s) (prints "
+                     "passage recall@k: a gold passage among the top-k distinct documents, the chunks of one "
+                     "document counting once; answer recall@k: an answer string in one of the top-k chunks)")
     e.add_argument("--split", default="test", help="qrels split for --beir")
     e.add_argument("--k", type=int, default=100, help="recall cut-off for --beir")
     e.add_argument("--chunk-depth", type=int, default=None, help="chunks retrieved per query before documents are "
                    "scored by their best chunk (default 10 k)")
     e.add_argument("--ks", type=int, nargs="+", default=[1, 5, 20], help="cut-offs for --qa")
+    e.add_argument("--question-field", default="question", help="--qa field holding the question")
+    e.add_argument("--answers-field", default="answers", help="--qa field holding the answers (a string, a list, "
+                   "or SQuAD's {text: [...]})")
+    e.add_argument("--passage-field", default="passage_id", help="--qa field holding the gold passage: a document "
+                   "id of the index or a list of them (a hit on any counts), e.g. gold_passage_ids")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries")
     e.set_defaults(func=cmd_eval)
 
@@ -239,23 +264,20 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--exclude-field", default=None, help="field naming the corpus document to exclude (leakage)")
     n.set_defaults(func=cmd_neighbours)
 
-    i = sub.add_parser("info", help="print an index's manifest")
+    i = sub.add_parser("info", help="print an index's manifest (and check its files with --verify)")
     i.add_argument("--index", required=True)
+    i.add_argument("--verify", action="store_true", help="check every file's size and checksum")
     i.set_defaults(func=cmd_info)
+    for command in sub.choices.values():  # --debug after the command too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from retrieval import BuildSettingsError, CorpusError, EmbeddingStateError, IncompleteIndexError, \
-        IndexMismatchError
+    from retrieval.errors import expected_errors, run_cli
 
-    try:
-        return args.func(args)
-    except (CorpusError, BuildSettingsError, EmbeddingStateError, IncompleteIndexError, IndexMismatchError,
-            FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(args.func, args, expected_errors(), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -4,15 +4,20 @@
   embeddings/   resumable shards of normalised chunk vectors (see embed.py)
   index.faiss   the FAISS index over all chunk vectors
   build.json    the settings of a build in progress (a rerun with other settings is refused, not mixed)
-  manifest.json written last and atomically; without it the directory is not an index
+  manifest.json written last and atomically; without it the directory is not an index. It records the size and
+                checksum of every other file (see integrity.py), checked when the index is opened.
+Beside the directory, `.NAME.lock` is held while a build runs: a second build of the same directory waits for it
+(`wait_for_lock`) or is refused with a message naming the running one.
 
-Rerunning an interrupted build with the same settings resumes it: a finished chunk database and every finished
-embedding shard are reused.
+Rerunning an interrupted build with the same settings resumes it: a finished chunk database and every embedded
+group of `batch_size * 4` chunks are reused (see embed.py), whatever the size of the corpus.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -20,16 +25,55 @@ from typing import Sequence
 import faiss
 
 from .chunks import ChunkDB, chunk_documents, write_chunk_db
-from .corpus import Document, corpus_hash
+from .corpus import CorpusError, Document, corpus_hash
 from .embed import default_devices, embed_chunk_db, load_embeddings
 from .index import IndexConfig, build_faiss_index
+from .integrity import files_under, stamp_verified
 from .manifest import (FORMAT_VERSION, MANIFEST, IncompleteIndexError, check_or_record, embedder_dimension,
                        embedder_fingerprint, embedder_name, read_manifest, tokenizer_fingerprint, tokenizer_name,
-                       write_json_atomic)
+                       write_manifest)
 
 
 class BuildSettingsError(RuntimeError):
     """The directory holds a finished index or a partial build with other settings."""
+
+
+class BuildLockedError(BuildSettingsError):
+    """Another process is building the same directory."""
+
+
+def lock_path(directory: str | Path) -> Path:
+    d = Path(directory)
+    return d.parent / f".{d.name}.lock"
+
+
+@contextmanager
+def build_lock(directory: str | Path, wait: float = 0.0):
+    """Hold the build lock of `directory` (a file beside it, so --overwrite can delete the directory). `wait`:
+    seconds to wait for another build to finish, negative = forever; then BuildLockedError."""
+    from filelock import FileLock, Timeout
+
+    path = lock_path(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    owner = path.with_name(path.name + ".owner")
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=wait if wait >= 0 else -1)
+    except Timeout:
+        try:
+            who = owner.read_text().strip()
+        except OSError:
+            who = "another process"
+        raise BuildLockedError(f"{directory} is being built by {who} (lock {path}); wait for that build to finish "
+                               f"(or pass --wait to wait for it), then rerun: a finished index is reported, an "
+                               f"interrupted one resumes") from None
+    try:
+        owner.write_text(f"process {os.getpid()} on {os.uname().nodename} since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        yield
+    finally:
+        owner.unlink(missing_ok=True)
+        lock.release()
 
 
 @dataclass
@@ -41,6 +85,7 @@ class BuildConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     devices: list[str] | None = None  # embedding worker devices; None: every GPU if more than one, else in-process
     overwrite: bool = False  # delete a finished index or a partial build with other settings first
+    wait_for_lock: float = 0.0  # seconds to wait while another build holds the directory (< 0: forever)
 
     def __post_init__(self):
         if self.chunk_size <= 0:
@@ -53,18 +98,25 @@ class BuildConfig:
 
 def build_index(docs: Sequence[Document], directory: str | Path, *, tokenizer, embedder,
                 config: BuildConfig | None = None, tokenizer_alias: str | None = None,
-                embedder_alias: str | None = None, progress: bool = True) -> dict:
+                embedder_alias: str | None = None, progress: bool = True, source: str | None = None) -> dict:
     """Build (or resume) an index of `docs` in `directory`; returns the manifest. The aliases are the names the
-    CLI resolved (e.g. 'smollm2-135m'), recorded so `search`/`eval` can load the same models again."""
+    CLI resolved (e.g. 'smollm2-135m'), recorded so `search`/`eval` can load the same models again; `source` (the
+    corpus path) is recorded to name the rebuild command in error messages."""
     cfg = config or BuildConfig()
-    d = Path(directory)
+    with build_lock(directory, cfg.wait_for_lock):
+        return _build_locked(docs, Path(directory), tokenizer, embedder, cfg, tokenizer_alias, embedder_alias,
+                             progress, source)
+
+
+def _build_locked(docs, d: Path, tokenizer, embedder, cfg: BuildConfig, tokenizer_alias, embedder_alias, progress,
+                  source) -> dict:
     if cfg.overwrite and d.exists():
         shutil.rmtree(d)
     if (d / MANIFEST).exists():
         raise BuildSettingsError(f"{d} already holds a finished index; pass --overwrite (overwrite=True) to "
                                  f"rebuild it, or pick another name")
     if not docs:
-        raise ValueError("the corpus is empty: nothing to index")
+        raise CorpusError("the corpus is empty: nothing to index")
     started = time.time()
     settings = {
         "corpus_hash": corpus_hash(docs), "num_documents": len(docs), "chunk_size": cfg.chunk_size,
@@ -74,20 +126,25 @@ def build_index(docs: Sequence[Document], directory: str | Path, *, tokenizer, e
                      "dimension": embedder_dimension(embedder)},
         "with_title": cfg.with_title, "shard_size": cfg.shard_size,
     }
+    records = None
+    if not (d / "chunks" / "info.json").exists():
+        # chunk before anything is written: a corpus that yields no chunk leaves no folder behind
+        records = chunk_documents(docs, tokenizer, cfg.chunk_size, progress=progress)
+    if (d / "build.json").exists() and not any((d / sub).exists() for sub in ("chunks", "embeddings")):
+        (d / "build.json").unlink()  # a record of settings without any work done: nothing to protect
     check_or_record(d / "build.json", settings, BuildSettingsError,
                     "rerun with the original settings to resume, or pass --overwrite")
-
-    if not (d / "chunks" / "info.json").exists():
-        records = chunk_documents(docs, tokenizer, cfg.chunk_size, progress=progress)
+    if records is not None:
         write_chunk_db(d / "chunks", records, docs, {"corpus_hash": settings["corpus_hash"],
                                                     "tokenizer": settings["tokenizer"]})
+        del records
     db = ChunkDB(d / "chunks")
     embed_chunk_db(db, embedder, d / "embeddings", shard_size=cfg.shard_size, batch_size=cfg.batch_size,
                    with_title=cfg.with_title, progress=progress,
                    devices=cfg.devices if cfg.devices is not None else default_devices(),
                    state={"embedder": settings["embedder"]["fingerprint"], "corpus_hash": settings["corpus_hash"],
                           "tokenizer": settings["tokenizer"]["fingerprint"], "chunk_size": cfg.chunk_size})
-    vectors = load_embeddings(d / "embeddings", len(db))
+    vectors = load_embeddings(d / "embeddings", len(db), cfg.shard_size)
     index, factory, nprobe, recall = build_faiss_index(vectors, cfg.index, progress=progress)
     tmp = d / "index.faiss.tmp"
     faiss.write_index(index, str(tmp))
@@ -99,8 +156,11 @@ def build_index(docs: Sequence[Document], directory: str | Path, *, tokenizer, e
         "num_chunks": len(db), "num_vectors": int(index.ntotal),
         "last_run_seconds": round(time.time() - started, 2),  # of the final run only, when a build was resumed
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **({"corpus": str(source)} if source else {}),
     }
-    write_json_atomic(d / MANIFEST, manifest)
+    files = files_under(d, exclude=(MANIFEST, "build.json"))
+    manifest = write_manifest(d, manifest, files)
+    stamp_verified(d, files, manifest["files"])
     return manifest
 
 
@@ -112,4 +172,4 @@ def is_index(directory: str | Path) -> bool:
         return False
 
 
-__all__ = ["BuildConfig", "BuildSettingsError", "build_index", "is_index"]
+__all__ = ["BuildConfig", "BuildLockedError", "BuildSettingsError", "build_index", "build_lock", "is_index"]

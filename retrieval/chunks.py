@@ -61,7 +61,11 @@ def chunk_documents(docs: Sequence[Document], tokenizer, chunk_size: int, batch_
                     end = spans[lo + chunk_size][0] if lo + chunk_size < len(ids) else len(doc.text)
                     texts.append(doc.text[begin:end])
     if not rows:
-        raise ValueError("no document produced any token; the corpus texts are all empty")
+        from .corpus import CorpusError
+
+        raise CorpusError(f"none of the {len(docs)} documents produced a token: every text is empty or only "
+                          f"whitespace (e.g. document {docs[0].id!r}); check the text field (--text-field) and the "
+                          f"corpus file")
     return ChunkRecords(np.stack(rows), np.asarray(doc_ix, np.int64), np.asarray(pos, np.int32), texts)
 
 

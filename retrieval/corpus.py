@@ -71,9 +71,31 @@ def _validated(records: Iterable[tuple[str, dict]], where: str, id_field: str | 
         yield Document(doc_id, str(title) if title is not None else "", text)
 
 
+def utf8_error(where: str, data: bytes, error: UnicodeDecodeError) -> CorpusError:
+    """A CorpusError naming the line and column of the first byte that is not UTF-8."""
+    line = data.count(b"\n", 0, error.start) + 1
+    column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+    return CorpusError(f"{where}:{line}: byte 0x{data[error.start]:02x} at column {column} is not UTF-8 ("
+                       f"{error.reason}); convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8 FILE > NEW")
+
+
+def read_utf8(path: Path) -> str:
+    """A whole text file, or a CorpusError naming the line of its first invalid byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise utf8_error(str(path), data, e) from None
+
+
 def jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                err = utf8_error(str(path), raw, e)
+                raise CorpusError(str(err).replace(f"{path}:1:", f"{path}:{lineno}:", 1)) from None
             if not line.strip():
                 continue
             try:
@@ -104,7 +126,7 @@ def read_txt_folder(path: str | Path) -> list[Document]:
     """Every `*.txt` below `path` is one document; its id is the relative path and its title the file stem."""
     root = Path(path)
     files = sorted(root.rglob("*.txt"))
-    docs = [Document(str(f.relative_to(root)), f.stem, f.read_text(encoding="utf-8")) for f in files]
+    docs = [Document(str(f.relative_to(root)), f.stem, read_utf8(f)) for f in files]
     return _non_empty(docs, root)
 
 

@@ -3,12 +3,15 @@
 - BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv): nDCG@10, recall@k and MRR@10 computed by
   `ir_measures`. The index holds chunks but qrels judge documents, so each document scores the max over its
   retrieved chunks, and more chunks than documents are retrieved (`chunk_depth`).
-- QA JSONL (question, answers, passage_id): gold-passage recall@k over the top-k distinct documents, and answer
-  recall@k (DPR style: a normalised answer string occurs in the normalised text of one of the top-k chunks).
+- QA JSONL (question, answers, gold passage id or list of ids; field names configurable): passage recall@k counts
+  *documents* (passages): the retrieved chunks are reduced to their documents in rank order, each document once,
+  and a question is a hit when one of its gold passages is among the first k documents. Answer recall@k counts
+  *chunks* (DPR style): a normalised answer string occurs in the normalised text of one of the top-k chunks.
 """
 from __future__ import annotations
 
 import csv
+import json
 import re
 import string
 from pathlib import Path
@@ -105,29 +108,76 @@ def has_answer(text: str, answers: Sequence[str]) -> bool:
     return any(f" {a} " in padded for a in (normalize_answer(x) for x in answers) if a)
 
 
+def _gold_ids(rec: dict, field: str, where: str) -> list[str]:
+    value = rec[field]
+    values = value if isinstance(value, list) else [value]
+    if not values or any(not isinstance(v, (str, int)) or isinstance(v, bool) for v in values):
+        raise CorpusError(f"{where}: field {field!r} must be a passage id or a non-empty list of ids, got "
+                          f"{json.dumps(value)[:80]}; pass --passage-field to name the gold passage field")
+    return [str(v) for v in values]
+
+
+def _answers(rec: dict, field: str, where: str) -> list[str]:
+    value = rec[field]
+    if isinstance(value, dict):  # SQuAD / Hugging Face layout {"text": [...], "answer_start": [...]}
+        value = value.get("text", [])
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or any(not isinstance(v, str) for v in values):
+        raise CorpusError(f"{where}: field {field!r} must be an answer string or a non-empty list of strings, got "
+                          f"{json.dumps(value)[:80]}; pass --answers-field to name the answers field")
+    return values
+
+
 def evaluate_qa(retriever: Retriever, questions_path: str | Path, ks: Sequence[int] = (1, 5, 20),
                 question_field: str = "question", answers_field: str = "answers", passage_field: str = "passage_id",
                 limit: int | None = None, batch_size: int = 256, progress: bool = True) -> dict:
-    """Gold-passage recall@k (top-k distinct documents) and answer recall@k (top-k chunks) over a QA JSONL."""
-    recs = read_jsonl_records(questions_path, (question_field, answers_field, passage_field))[:limit]
+    """Passage recall@k (a gold passage among the top-k distinct documents; a record may list several gold
+    passages, a hit on any counts) and answer recall@k (an answer in one of the top-k chunks) over a QA JSONL.
+    Gold passage ids that are not documents of the index are counted in `gold_not_in_index`; when none is, the
+    evaluation is refused (wrong field or another corpus)."""
+    fields = (question_field, answers_field, passage_field)
+    items = []
+    for where, rec in jsonl_records(Path(questions_path)):
+        if not isinstance(rec, dict):
+            raise CorpusError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        for field in fields:
+            if field not in rec:
+                raise CorpusError(f"{where}: field {field!r} is missing (fields present: {sorted(rec)}); name the "
+                                  f"fields with --question-field, --answers-field and --passage-field")
+        if not isinstance(rec[question_field], str):
+            raise CorpusError(f"{where}: field {question_field!r} must be a string")
+        items.append((rec[question_field], _answers(rec, answers_field, where), _gold_ids(rec, passage_field, where)))
+        if limit and len(items) >= limit:
+            break
+    if not items:
+        raise CorpusError(f"{questions_path}: no records")
+    db = retriever.db
+    known = set(db.doc_ids)
+    missing = sorted({g for _, _, golds in items for g in golds if g not in known})
+    if all(g not in known for _, _, golds in items for g in golds):
+        raise CorpusError(f"{questions_path}: none of the gold passage ids in field {passage_field!r} (e.g. "
+                          f"{items[0][2][0]!r}) is a document id of the index {retriever.directory} (e.g. "
+                          f"{db.doc_ids[0]!r}); name the right field with --passage-field, or evaluate the index "
+                          f"built from the matching corpus")
     kmax = max(ks)
     gold_hits = {k: 0 for k in ks}
     answer_hits = {k: 0 for k in ks}
     depth = min(len(retriever), 10 * kmax)
-    db = retriever.db
-    for lo in tqdm(range(0, len(recs), batch_size), desc="searching", unit="batch", disable=not progress):
-        batch = recs[lo:lo + batch_size]
-        ids_b, _ = retriever.search_ids([r[question_field] for r in batch], depth)
-        for rec, row in zip(batch, ids_b):
+    for lo in tqdm(range(0, len(items), batch_size), desc="searching", unit="batch", disable=not progress):
+        batch = items[lo:lo + batch_size]
+        ids_b, _ = retriever.search_ids([q for q, _, _ in batch], depth)
+        for (_, answers, golds), row in zip(batch, ids_b):
             row = row[row >= 0]
             ranked_docs = list(dict.fromkeys(db.doc_ids[db.doc[i]] for i in row))
-            gold = str(rec[passage_field])
-            flags = [has_answer(db.text(int(i)), rec[answers_field]) for i in row[:kmax]]
+            gold = set(golds)
+            first = next((rank for rank, doc in enumerate(ranked_docs) if doc in gold), None)
+            flags = [has_answer(db.text(int(i)), answers) for i in row[:kmax]]
             for k in ks:
-                gold_hits[k] += gold in ranked_docs[:k]
+                gold_hits[k] += first is not None and first < k
                 answer_hits[k] += any(flags[:k])
-    n = len(recs)
+    n = len(items)
     out = {"questions": n}
     out.update({f"passage_recall@{k}": gold_hits[k] / n for k in ks})
     out.update({f"answer_recall@{k}": answer_hits[k] / n for k in ks})
+    out["gold_not_in_index"] = len(missing)
     return out

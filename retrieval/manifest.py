@@ -1,7 +1,9 @@
 """Manifests and fingerprints: what an index directory was built from, written atomically and checked on load.
 
 A directory is an index only once `manifest.json` exists; it is written last, through a temporary file and
-`os.replace`, so an interrupted build never looks complete.
+`os.replace`, so an interrupted build never looks complete. It records the size and checksum of every file of the
+directory (`files`, see integrity.py) and a checksum of its own content (`checksum`), so a damaged file or an
+edited manifest is reported when the directory is opened.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import hashlib
 import json
 import os
 from pathlib import Path
+
+from .integrity import IntegrityError, record_files, seal, seal_intact
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -24,6 +28,17 @@ class IncompleteIndexError(RetrievalIndexError):
 
 class IndexMismatchError(RetrievalIndexError):
     """The index was built with another tokenizer, chunk size or embedder than the caller asked for."""
+
+
+class IndexCorruptError(RetrievalIndexError):
+    """A file of the directory, or the manifest itself, differs from what the build wrote."""
+
+
+def write_manifest(directory: str | Path, manifest: dict, files: list[str]) -> dict:
+    """Record `files` (relative to `directory`) and the manifest's own checksum, then write it atomically (last)."""
+    manifest = seal({**manifest, "files": record_files(directory, files)})
+    write_json_atomic(Path(directory) / MANIFEST, manifest)
+    return manifest
 
 
 def write_json_atomic(path: str | Path, obj: dict) -> None:
@@ -47,12 +62,46 @@ def read_manifest(directory: str | Path, kind: str = "index") -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise IncompleteIndexError(f"{path}: unreadable manifest ({e.msg}); rebuild with --overwrite") from None
+        raise IndexCorruptError(f"{path}: unreadable manifest ({e.msg}); {remedy(directory, kind)}") from None
+    except UnicodeDecodeError:
+        raise IndexCorruptError(f"{path}: the manifest is not UTF-8 text; {remedy(directory, kind)}") from None
+    if not isinstance(manifest, dict):
+        raise IndexCorruptError(f"{path}: the manifest is not a JSON object; {remedy(directory, kind)}")
+    if seal_intact(manifest) is False:  # None: no seal (older manifest) or sealed with xxh3 and no xxhash here
+        raise IndexCorruptError(f"{path}: the manifest was edited after the build (its checksum no longer "
+                                    f"matches its content); {remedy(directory, kind)}")
     if manifest.get("kind") != kind or manifest.get("format_version") != FORMAT_VERSION:
         raise IncompleteIndexError(f"{path}: expected a {kind} manifest of format version {FORMAT_VERSION}, found "
                                    f"kind={manifest.get('kind')!r} version={manifest.get('format_version')!r}; "
                                    f"rebuild it with this version of the code")
     return manifest
+
+
+def remedy(directory: str | Path, kind: str = "index", manifest: dict | None = None) -> str:
+    """What to run when a directory of `kind` is damaged."""
+    if kind != "index":
+        return f"delete {directory} and compute it again (it is recomputed when missing)"
+    corpus = (manifest or {}).get("corpus") or "CORPUS"
+    return (f"rebuild the index: python -m retrieval build --corpus {corpus} --out {directory} --overwrite "
+            f"(with the flags of the original build)")
+
+
+def verify_directory(directory: str | Path, manifest: dict, checksums="auto", kind: str = "index") -> None:
+    """Check every file the manifest lists (sizes always, checksums per `checksums`, see integrity.verify_files)."""
+    files = manifest.get("files")
+    if files is None:
+        import warnings
+
+        warnings.warn(f"{Path(directory) / MANIFEST} records no file sizes or checksums (written before integrity "
+                      f"checks existed), so damaged files cannot be detected; {remedy(directory, kind, manifest)} "
+                      f"to add them", stacklevel=2)
+        return
+    try:
+        from .integrity import verify_files
+
+        verify_files(directory, files, remedy(directory, kind, manifest), checksums)
+    except IntegrityError as e:
+        raise IndexCorruptError(str(e)) from None
 
 
 def tokenizer_name(tokenizer) -> str:

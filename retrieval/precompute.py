@@ -6,7 +6,8 @@ Layout of the output directory:
   scores.npy   (Q, K) float32
   tokens.npy   (Q, K, R) int32 neighbour tokens (R = 2m), -1 padded
   offsets.npy  (E + 1,) int64: example e owns query rows offsets[e]:offsets[e + 1]
-  manifest.json  written last: the index it came from (fingerprints), k, counts
+  manifest.json  written last: the index it came from (fingerprints), k, counts, and the size and checksum of
+                 each file above (checked when loaded)
 With `chunked=True` each example is cut into m-token chunks of the decoder's tokenizer and every chunk is a query
 (RETRO: chunk l of an example retrieves with its own text), so example e has L_e = ceil(T_e / m) rows; with
 `chunked=False` each example is a single query (one row).
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .chunks import chunk_documents
 from .corpus import Document
-from .manifest import FORMAT_VERSION, IndexMismatchError, read_manifest, write_json_atomic
+from .manifest import FORMAT_VERSION, IndexMismatchError, read_manifest, verify_directory, write_manifest
 from .retriever import ExcludeSpec, Retriever
 
 
@@ -67,12 +68,12 @@ def precompute_neighbours(retriever: Retriever, examples: Sequence[str], directo
     h = hashlib.sha256()
     for t in examples:
         h.update(t.encode("utf-8") + b"\0")
-    write_json_atomic(d / "manifest.json", {
+    write_manifest(d, {
         "kind": "neighbours", "format_version": FORMAT_VERSION, "index": str(retriever.directory),
         "index_corpus_hash": man["corpus_hash"], "tokenizer": man["tokenizer"], "embedder": man["embedder"],
         "chunk_size": retriever.chunk_size, "k": k, "chunked": chunked, "num_examples": len(examples),
         "num_queries": len(queries), "examples_hash": h.hexdigest(), "excluded_docs": exclude_doc_ids is not None,
-    })
+    }, ["ids.npy", "scores.npy", "tokens.npy", "offsets.npy"])
     return PrecomputedNeighbours.load(d)
 
 
@@ -93,6 +94,7 @@ class PrecomputedNeighbours:
 
         d = Path(directory)
         man = read_manifest(d, kind="neighbours")
+        verify_directory(d, man, "auto", kind="neighbours")
         if chunk_size is not None and chunk_size != man["chunk_size"]:
             raise IndexMismatchError(f"{d}: neighbours were computed with chunk size {man['chunk_size']}, "
                                      f"not {chunk_size}; recompute them")

@@ -16,8 +16,8 @@ import numpy as np
 from .chunks import ChunkDB
 from .embed import encode_texts
 from .index import search_index, set_nprobe, to_devices
-from .manifest import (IndexMismatchError, embedder_dimension, embedder_fingerprint, read_manifest,
-                       tokenizer_fingerprint)
+from .manifest import (IndexCorruptError, IndexMismatchError, embedder_dimension, embedder_fingerprint,
+                       read_manifest, remedy, tokenizer_fingerprint, verify_directory)
 
 ExcludeSpec = Sequence["str | int | Collection[str | int] | None"]
 
@@ -41,6 +41,32 @@ def _check_embedder(d: Path, man: dict, embedder):
     return embedder
 
 
+def check_counts(d: Path, man: dict, db: ChunkDB, index) -> None:
+    """The manifest's counts against the files: an edited manifest or mismatched files are refused."""
+    n = man.get("num_chunks")
+    found = {
+        "chunks/tokens.npy rows": len(db.tokens), "chunks/doc.npy rows": len(db.doc), "chunks/pos.npy rows":
+        len(db.pos), "chunks/text_offsets.npy entries - 1": len(db._text_offsets) - 1,
+        "chunks/info.json num_chunks": db.info.get("num_chunks"), "index.faiss vectors": int(index.ntotal),
+        "manifest num_vectors": man.get("num_vectors"),
+    }
+    problems = [f"{what} = {value}" for what, value in found.items() if value != n]
+    if db.chunk_size != man.get("chunk_size") or db.info.get("chunk_size") != man.get("chunk_size"):
+        problems.append(f"chunks/tokens.npy holds {db.chunk_size}-token chunks")
+    if len(db.doc_ids) != man.get("num_documents") or db.info.get("num_documents") != man.get("num_documents"):
+        problems.append(f"chunks/documents.jsonl lists {len(db.doc_ids)} documents, the manifest "
+                        f"{man.get('num_documents')}")
+    text_bytes = (d / "chunks" / "text.bin").stat().st_size
+    if len(db._text_offsets) and int(db._text_offsets[-1]) != text_bytes:
+        problems.append(f"chunks/text.bin holds {text_bytes} bytes, the offsets end at {int(db._text_offsets[-1])}")
+    if int(index.d) != man.get("embedder", {}).get("dimension"):
+        problems.append(f"index.faiss holds {index.d}-d vectors, the embedder is {man['embedder'].get('dimension')}-d")
+    if problems:
+        raise IndexCorruptError(f"{d / 'manifest.json'}: records {n} chunks of {man.get('chunk_size')} tokens "
+                                f"and {man.get('num_documents')} documents, but {'; '.join(problems)}; the manifest "
+                                f"or the files were changed after the build; {remedy(d, 'index', man)}")
+
+
 class Retriever:
     """Search one index directory. Build it with `retrieval.build_index` or `python -m retrieval build`."""
 
@@ -51,12 +77,16 @@ class Retriever:
 
     @classmethod
     def load(cls, directory: str | Path, *, tokenizer=None, chunk_size: int | None = None, embedder=None,
-             nprobe: int | None = None, use_gpu: bool | None = None) -> "Retriever":
+             nprobe: int | None = None, use_gpu: bool | None = None, verify="auto") -> "Retriever":
         """Open a finished index. Whatever is passed is checked against what the index was built with, and a
         mismatch raises IndexMismatchError: `tokenizer` (vocab fingerprint), `chunk_size`, `embedder` (a
-        SentenceTransformer or a path to one; weight fingerprint). `nprobe` overrides the tuned value."""
+        SentenceTransformer or a path to one; weight fingerprint). `nprobe` overrides the tuned value.
+        Every file is checked against the manifest first (IndexCorruptError): sizes always, checksums per `verify`
+        ("auto": files up to 1 GiB each time, bigger ones when they changed; True: all; False: none); then the
+        counts the manifest records are checked against the files."""
         d = Path(directory)
         man = read_manifest(d)
+        verify_directory(d, man, verify)
         if chunk_size is not None and chunk_size != man["chunk_size"]:
             raise IndexMismatchError(f"{d} was built with chunk size {man['chunk_size']}, not {chunk_size}; use a "
                                      f"chunk size of {man['chunk_size']} or build another index")
@@ -71,11 +101,17 @@ class Retriever:
             embedder = SentenceTransformer(str(embedder))
         if embedder is not None:
             _check_embedder(d, man, embedder)
-        index = faiss.read_index(str(d / "index.faiss"))
+        try:
+            index = faiss.read_index(str(d / "index.faiss"))
+        except RuntimeError as e:
+            raise IndexCorruptError(f"{d / 'index.faiss'}: FAISS cannot read it ({str(e).strip().splitlines()[-1]})"
+                                    f"; {remedy(d, 'index', man)}") from None
+        db = ChunkDB(d / "chunks")
+        check_counts(d, man, db, index)
         index = to_devices(index, use_gpu)
         if nprobe or man.get("nprobe"):
             set_nprobe(index, nprobe or man["nprobe"])
-        return cls(d, man, ChunkDB(d / "chunks"), index, embedder, tokenizer)
+        return cls(d, man, db, index, embedder, tokenizer)
 
     # ---- properties
     @property

@@ -6,6 +6,8 @@ so a bad value stops the run before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +48,9 @@ class TrainConfig:
     # Learning-rate multipliers for RETRO's added layers, by group: gate (the CCA gates), cca_qk (CCA query/key
     # projections), cca (the rest of CCA), encoder. The default opens the gates fast, lets the queries learn where
     # to look at 10x the rate and moves the copy path CCA starts as (`cca_init: copy`) slowly; it is what reads
-    # the key -> value copy task in 10 steps (benchmarks/bench_copy_task.py). No effect on other parameters.
+    # the key -> value copy task in 4 steps (benchmarks/bench_copy_task.py). No effect on other parameters.
     lr_scales: dict = field(default_factory=lambda: dict(RETRO_LR_SCALES))
+    deterministic: bool | None = None  # deterministic algorithms, seeded init; None: on CPU only (see README)
 
     def __post_init__(self):
         for name in ("lr", "weight_decay", "max_grad_norm"):
@@ -129,11 +132,58 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def _matches(value, hint) -> bool:
+    """Whether a YAML value fits a field's type; types this does not know are left to __post_init__."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                float(value)
+                return True
+            except ValueError:
+                return False
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is list or origin is list:
+        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, (dict, hint))
+    return True
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if hint is list or origin is list:
+        return f"a list of {_describe(args[0]).split(' ', 1)[-1]}s" if args else "a list"
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             dict: "a mapping"}
+    return names.get(hint, "a mapping" if dataclasses.is_dataclass(hint) else getattr(hint, "__name__", str(hint)))
+
+
 def _build(cls, values: dict, where: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        scope = f"{where}: unknown field(s)" if where else "unknown top-level field(s)"
+        raise ConfigError(f"{scope} {unknown}; known fields are {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if not _matches(value, hints[name]):
+            raise ConfigError(f"{where + '.' if where else ''}{name} must be {_describe(hints[name])}, got "
+                              f"{value!r}; fix it in the config file or the key=value override")
     return cls(**values)
 
 
@@ -176,6 +226,6 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
         values.update(loaded)
     values = apply_overrides(values, list(overrides))
     try:
-        return _build(RunConfig, values, path or "config")
+        return _build(RunConfig, values, "")
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}" if path else str(error)) from None

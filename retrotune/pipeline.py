@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,14 +50,16 @@ class Neighbours:
 
 def question_neighbours(retriever, examples: list[QAExample], k: int, cache_dir: Path) -> Neighbours:
     """Top-k chunks for each question (the question is the query), stored under `cache_dir` and reused."""
-    from retrieval import IncompleteIndexError, PrecomputedNeighbours, precompute_neighbours
+    from retrieval import IncompleteIndexError, IndexCorruptError, PrecomputedNeighbours, precompute_neighbours
 
     questions = [e.question for e in examples]
     key = hashlib.sha256(json.dumps([index_hash(retriever), k, questions]).encode()).hexdigest()[:16]
     path = Path(cache_dir) / key
     try:
         store = PrecomputedNeighbours.load(path)
-    except IncompleteIndexError:
+    except (IncompleteIndexError, IndexCorruptError) as error:
+        if isinstance(error, IndexCorruptError):  # a cache: say so, and compute it again
+            print(f"warning: {error}; recomputing these neighbours", file=sys.stderr)
         store = precompute_neighbours(retriever, questions, path, k, chunked=False)
     return _with_texts(retriever, np.asarray(store.ids), np.asarray(store.tokens))
 

@@ -45,11 +45,16 @@ def _example(record: dict, where: str, index: int) -> QAExample:
 
 def _read_jsonl(path: Path) -> list[QAExample]:
     examples = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            where = f"{path}, line {line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise QADataError(f"{where}: byte 0x{raw[error.start]:02x} at column {error.start + 1} is not UTF-8; "
+                                  f"convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
             if not line.strip():
                 continue
-            where = f"{path}, line {line_number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
@@ -59,7 +64,15 @@ def _read_jsonl(path: Path) -> list[QAExample]:
 
 
 def _read_squad_json(path: Path) -> list[QAExample]:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise QADataError(f"{path}: byte offset {error.start} is not UTF-8; convert the file to UTF-8") from None
+    except json.JSONDecodeError as error:
+        raise QADataError(f"{path}, line {error.lineno}: not valid JSON ({error.msg}); give a SQuAD .json or a "
+                          f".jsonl with one question per line") from None
+    if not isinstance(data, dict):
+        raise QADataError(f"{path}: expected the SQuAD layout {{data: [...]}}, found a JSON {type(data).__name__}")
     if "data" not in data:
         raise QADataError(f"{path}: no top-level 'data' list; expected the SQuAD layout "
                           f"{{data: [{{title, paragraphs: [{{context, qas}}]}}]}}")
@@ -77,15 +90,22 @@ def load_qa(source: str, split: str = "train") -> list[QAExample]:
     path = Path(source)
     if path.is_dir() and (path / "questions.jsonl").is_file():
         path = path / "questions.jsonl"
+    local = path.is_absolute() or source.startswith((".", "~")) \
+        or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
     if path.is_file():
         examples = _read_jsonl(path) if path.suffix == ".jsonl" else _read_squad_json(path)
-    elif path.suffix in (".json", ".jsonl") or path.is_dir():
-        raise QADataError(f"{path}: no such QA file; give a .jsonl of {{question, answers}}, a SQuAD .json, a folder "
-                          f"with questions.jsonl, or a Hugging Face dataset name")
+    elif path.suffix in (".json", ".jsonl") or path.is_dir() or local:
+        raise QADataError(f"{path}: no such QA file or folder; give a .jsonl of {{question, answers}}, a SQuAD "
+                          f".json, a folder with questions.jsonl, or a Hugging Face dataset name")
     else:
         import datasets
 
-        rows = datasets.load_dataset(source, split=split)
+        try:
+            rows = datasets.load_dataset(source, split=split)
+        except Exception as error:  # noqa: BLE001 - the hub, the network or the name: all the user's to fix
+            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise QADataError(f"{source}: not a local QA file or folder, and loading it as a Hugging Face dataset "
+                              f"failed ({first}); check the path, or the dataset name and your connection") from None
         examples = [_example(row, f"{source}[{split}] row {i}", i) for i, row in enumerate(rows)]
     if not examples:
         raise QADataError(f"{source}: no QA examples found")

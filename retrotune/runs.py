@@ -20,7 +20,7 @@ from retrotune import pipeline
 from retrotune.config import RunConfig
 from retrotune.metrics import exact_match, f1_score, rouge_l, score_answers
 from retrotune.qa import load_qa, split_by_group, take
-from retrotune.trainer import fit
+from retrotune.trainer import fit, seed_everything
 
 FINAL = "final"
 IGNORE = -100
@@ -235,6 +235,7 @@ def train_run(config: RunConfig, device: str | None = None) -> dict:
     from retro.checkpoint import save_retro
 
     output_dir = Path(config.output_dir)
+    seed_everything(config.train.seed, config.train.deterministic)  # new layers start from the run's seed
     base, tokenizer = pipeline.build_backbone(config, device=device)
     retriever = pipeline.open_index(config, tokenizer)
     identity = pipeline.run_identity(config, retriever, base)

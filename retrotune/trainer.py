@@ -3,7 +3,14 @@ data-parallel), gradient accumulation, mixed precision on GPU, LR schedules, per
 atomic checkpoints that resume onto the same loss curve, and metrics as JSONL, CSV, TensorBoard and a PNG.
 
 A checkpoint holds only what is trained (the parameters with requires_grad), the optimiser, scheduler and RNG
-states, the loop position, the fully resolved run config and the hash of the index it was trained against.
+states, the loop position, the fully resolved run config and the hash of the index it was trained against, and
+`manifest.json` (written last) with the size and checksum of each of those files. Resuming checks them and falls
+back to the newest complete checkpoint when the latest one is damaged, saying so.
+
+Determinism: a run's new parameters (PEFT, RETRO layers) are initialised from its seed (`seed_everything`, called
+before the model is built), and with `train.deterministic` (the default on CPU) torch is restricted to
+deterministic algorithms during `fit`, so two runs of the same config give the same losses step by step (on the
+same machine and thread count).
 """
 from __future__ import annotations
 
@@ -12,7 +19,9 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,10 +31,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from retrieval.integrity import IntegrityError, record_files, seal, seal_intact, verify_files
 from retrotune import plots
 from retrotune.config import TrainConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "config.json", "state.json")
+CHECKPOINT_MANIFEST = "manifest.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,10 +75,109 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def deterministic_default() -> bool:
+    return not torch.cuda.is_available()
+
+
+def seed_everything(seed: int, deterministic: bool | None = None) -> None:
+    """Seed python, numpy and torch (every device). Call it before the model's new parameters (PEFT, RETRO layers)
+    are initialised: their initial values otherwise come from a seed the libraries draw at import. With
+    `deterministic` (None: on CPU) it also sets CUBLAS_WORKSPACE_CONFIG, which cuBLAS reads when it starts."""
+    if deterministic or (deterministic is None and deterministic_default()):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def deterministic_mode(enabled: bool | None):
+    """Within it, torch uses deterministic algorithms only (None: on CPU only); the previous settings come back
+    after. On GPU this also needs CUBLAS_WORKSPACE_CONFIG (set here when unset, before cuBLAS starts)."""
+    enabled = deterministic_default() if enabled is None else bool(enabled)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield enabled
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
+def _checkpoint_step(path: Path) -> int:
+    try:
+        return int(path.name[len(CHECKPOINT_PREFIX):])
+    except ValueError:
+        return -1
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, newest first; a half-written one never has its final name (see `_save_checkpoint`)."""
+    found = [p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
+             if _checkpoint_step(p) >= 0 and (p / "state.json").is_file()]
+    return sorted(found, key=_checkpoint_step, reverse=True)
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint; a half-written one never has its final name (see `_save_checkpoint`)."""
-    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.json").is_file()]
-    return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+    """The newest complete checkpoint (not checked: see `load_checkpoint`)."""
+    found = checkpoints(output_dir)
+    return found[0] if found else None
+
+
+def verify_checkpoint(checkpoint: Path, checksums=True) -> None:
+    """Sizes and checksums of a checkpoint's files against its manifest (IntegrityError naming the file)."""
+    path = checkpoint / CHECKPOINT_MANIFEST
+    remedy = (f"this checkpoint is damaged; delete {checkpoint} and rerun the same command to resume from the one "
+              f"before it")
+    if not path.is_file():  # written before checkpoints had manifests: only loading can tell
+        return
+    try:
+        manifest = json.loads(path.read_text())
+        intact = isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) \
+            and seal_intact(manifest) is not False
+    except ValueError:  # not JSON, or not UTF-8
+        intact = False
+    if not intact:
+        raise IntegrityError(path, "unreadable or edited", remedy)
+    verify_files(checkpoint, manifest["files"], remedy, checksums)
+
+
+def load_checkpoint(checkpoint: Path) -> dict:
+    """Every file of a checkpoint, checked and read (nothing is applied yet): {"trainable", "saved", "state"}."""
+    verify_checkpoint(checkpoint)
+    trainable = load_file(str(checkpoint / "trainable.safetensors"))
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=False)
+    state = json.loads((checkpoint / "state.json").read_text())
+    config = json.loads((checkpoint / "config.json").read_text())
+    if not isinstance(saved, dict) or not {"optimizer", "scheduler", "rng"} <= set(saved) or "step" not in state:
+        raise CheckpointError(f"{checkpoint}: optimizer.pt or state.json lacks the expected entries")
+    return {"trainable": trainable, "saved": saved, "state": state, "config": config}
+
+
+def resumable_checkpoint(output_dir: Path, run_config: dict, report: Callable[[str], object] = print):
+    """(path, contents) of the newest checkpoint that reads back intact, or (None, None) when there is none.
+    A damaged newer one is skipped with a message through `report`; if every one is damaged, CheckpointError."""
+    damaged = []
+    for checkpoint in checkpoints(output_dir):
+        try:
+            contents = load_checkpoint(checkpoint)
+        except Exception as error:  # noqa: BLE001 - any failure to read a checkpoint back means it is damaged
+            reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            damaged.append(f"{checkpoint.name} ({reason})")
+            continue
+        _check_resumable(checkpoint, run_config, contents["config"])  # another run's folder: an error, no fallback
+        if damaged:
+            report(f"warning: the latest checkpoint(s) are damaged: {'; '.join(damaged)}. Resuming from "
+                   f"{checkpoint} (step {contents['state']['step']}) instead")
+        return checkpoint, contents
+    if damaged:
+        raise CheckpointError(f"{output_dir}: every checkpoint is damaged ({'; '.join(damaged)}); delete them "
+                              f"(or pick a new output_dir) to train from the start")
+    return None, None
 
 
 def _save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict, run_config: dict) -> Path:
@@ -77,7 +188,9 @@ def _save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict,
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
                    staging / "optimizer.pt")
         (staging / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
-        (staging / "state.json").write_text(json.dumps(state, indent=2))  # last: marks the folder complete
+        (staging / "state.json").write_text(json.dumps(state, indent=2))
+        manifest = seal({"kind": "checkpoint", "step": state["step"], "files": record_files(staging, CHECKPOINT_FILES)})
+        (staging / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest, indent=2))  # last
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -86,9 +199,9 @@ def _save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict,
     return target
 
 
-def load_trainable(model: torch.nn.Module, path: Path) -> None:
+def load_trainable(model: torch.nn.Module, path: Path, saved: dict[str, torch.Tensor] | None = None) -> None:
     """Load trained parameters into `model`, refusing a checkpoint of another set of parameters or shapes."""
-    saved = load_file(str(path))
+    saved = load_file(str(path)) if saved is None else saved
     expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing or unexpected:
@@ -102,8 +215,8 @@ def load_trainable(model: torch.nn.Module, path: Path) -> None:
             expected[name].copy_(tensor)
 
 
-def _check_resumable(checkpoint: Path, run_config: dict) -> None:
-    saved = json.loads((checkpoint / "config.json").read_text())
+def _check_resumable(checkpoint: Path, run_config: dict, saved: dict | None = None) -> None:
+    saved = json.loads((checkpoint / "config.json").read_text()) if saved is None else saved
     for key in ("model", "stage", "decoder", "peft", "retro", "index_hash"):
         if saved.get(key) != run_config.get(key):
             raise CheckpointError(f"{checkpoint} was written by a run with {key}={saved.get(key)!r}, this run has "
@@ -173,6 +286,16 @@ def param_groups(parameters: list, named: dict[str, list] | None, lr: float, lr_
 def fit(model: torch.nn.Module, train_set: Sequence, collate: Callable, loss_fn: Callable, config: TrainConfig,
         output_dir: str | Path, run_config: dict, validate: Callable | None = None, resume: bool = True,
         named_groups: dict[str, list] | None = None) -> FitResult:
+    """Train the parameters of `model` that require grad on `train_set` until `config.max_steps` optimiser steps,
+    with torch in deterministic mode when `config.deterministic` asks for it (see `_fit`)."""
+    with deterministic_mode(getattr(config, "deterministic", None)):
+        return _fit(model, train_set, collate, loss_fn, config, output_dir, run_config, validate, resume,
+                    named_groups)
+
+
+def _fit(model: torch.nn.Module, train_set: Sequence, collate: Callable, loss_fn: Callable, config: TrainConfig,
+         output_dir: str | Path, run_config: dict, validate: Callable | None = None, resume: bool = True,
+         named_groups: dict[str, list] | None = None) -> FitResult:
     """Train the parameters of `model` that require grad on `train_set` until `config.max_steps` optimiser steps.
 
     `loss_fn(model, batch) -> scalar loss`; `validate(model) -> {"val_loss": ..., ...}` runs every `eval_every` steps
@@ -195,7 +318,7 @@ def fit(model: torch.nn.Module, train_set: Sequence, collate: Callable, loss_fn:
         raise ValueError(f"train.precision={precision} needs a GPU; use fp32 (or auto) on CPU")
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum,
                               mixed_precision={"fp32": "no"}.get(precision, precision))
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
     if config.gradient_checkpointing:
         base = getattr(model, "base", model)
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -208,14 +331,16 @@ def fit(model: torch.nn.Module, train_set: Sequence, collate: Callable, loss_fn:
                               num_training_steps=config.max_steps)
     metrics = _Metrics(output_dir, accelerator.is_main_process)
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_val_loss": None, "bad_evals": 0, "seconds": 0.0}
-    checkpoint = latest_checkpoint(output_dir) if resume else None
+    checkpoint, contents = None, None
+    if resume:
+        checkpoint, contents = resumable_checkpoint(
+            output_dir, run_config, report=lambda m: accelerator.print(m, file=sys.stderr))
     if checkpoint is not None:
-        _check_resumable(checkpoint, run_config)
-        load_trainable(model, checkpoint / "trainable.safetensors")
-        saved = torch.load(checkpoint / "optimizer.pt", weights_only=False)
+        load_trainable(model, checkpoint / "trainable.safetensors", contents["trainable"])
+        saved = contents["saved"]
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        state = json.loads((checkpoint / "state.json").read_text())
+        state = contents["state"]
         metrics.truncate_after(state["step"])
     model, optimizer = accelerator.prepare(model, optimizer)
     if checkpoint is not None:
