@@ -13,7 +13,6 @@ The library itself imports nothing from the project; only this command line borr
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 from typing import Callable, Mapping, Optional, Sequence
@@ -32,12 +31,21 @@ DEFAULT_CONFIGS: tuple[dict, ...] = (
     {"method": "lora", "targets": ["cca"]},
     {"method": "lora", "targets": ["attention", "cca", "retro_encoder"]},
     {"method": "lora", "train_retro": True},
+    {"method": "rslora"},
+    {"method": "dora"},
+    {"method": "vera"},
     {"method": "ia3"},
+    {"method": "ia3", "placement": "attention_mlp_out"},
     {"method": "ptuning"},
+    {"method": "prompt_tuning"},
+    {"method": "prefix_tuning"},
     {"method": "adapter"},
+    {"method": "adapter", "train_norms": False},
     {"method": "loretta_adp"},
+    {"method": "loretta_adp", "placement": "houlsby", "train_norms": True},
     {"method": "loretta_rep"},
-    {"method": "loretta_rep", "targets": ["attention", "mlp"]},
+    {"method": "loretta_rep", "targets": ["attention"]},
+    {"method": "bitfit"},
     {"method": "full"},
 )
 
@@ -56,7 +64,7 @@ def describe(config: Mapping) -> str:
 def _cell(factory: Factory, config: Mapping) -> Optional[dict]:
     try:
         return count_trainable(apply_peft(factory(), config))
-    except ValueError:  # e.g. a RETRO-only target on the GPT model
+    except ValueError:  # e.g. a RETRO-only target on the GPT model, prefix tuning on RETRO, BitFit without biases
         return None
 
 
@@ -114,8 +122,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--no-retro", action="store_true", help="GPT column only")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    base = load_cli_decoder(args.model, args.tiny)
-    models: dict[str, Factory] = {"GPT": lambda: copy.deepcopy(base)}
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = load_cli_decoder(args.model, args.tiny).config
+
+    def base() -> nn.Module:  # shapes only: counting needs no weights
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+
+    models: dict[str, Factory] = {"GPT": base}
     if not args.no_retro:
         try:
             from retro import RetroConfig, retrofit
@@ -123,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print("retro is not importable: GPT column only", file=sys.stderr)
         else:
             chunk = 4 if args.tiny else args.chunk_size
-            models["RETRO"] = lambda: retrofit(copy.deepcopy(base), RetroConfig(chunk_size=chunk))
+            models["RETRO"] = lambda: retrofit(base(), RetroConfig(chunk_size=chunk))
     print(parameter_table(models))
 
 
