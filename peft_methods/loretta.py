@@ -17,7 +17,7 @@ reference code (github.com/yifanycc/loretta) on the widths they chose shapes for
   parameters named '*Norm*' (BERT's LayerNorm; none on LLaMA), so both default to `train_norms=False`, which is
   what their LLaMA counts contain; `train_norms=True` trains the norms of the adapted layers.
 - Shapes: `shapes='paper'` uses the authors' modes where they chose some for this (inner, model) width pair and
-  `auto_modes` (near-equal factors <= `max_mode`) elsewhere, e.g. SmolLM2's 576 -> [9, 8, 8]; `shapes='auto'`
+  `auto_modes` (near-equal factors <= `max_mode`) elsewhere, e.g. SmolLM2's 576 -> [12, 8, 6]; `shapes='auto'`
   always factorises automatically.
 
 Unlike the reference code both variants are exact no-ops at initialisation (the last TT core of the up/B factor and

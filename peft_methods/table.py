@@ -114,6 +114,19 @@ def load_cli_decoder(name: Optional[str], tiny: bool) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").eval()
 
 
+def decoder_config(name: Optional[str], tiny: bool):
+    """The decoder's config alone (the project's resolver when installed), without loading its weights."""
+    try:
+        from retrotune.models import DEFAULT_DECODER, resolve_decoder
+    except ImportError:
+        resolve_decoder = None
+    if tiny or resolve_decoder is None:
+        return load_cli_decoder(name, tiny).config
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_decoder(name or DEFAULT_DECODER))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="decoder alias or folder (default: the project's default decoder)")
@@ -125,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = load_cli_decoder(args.model, args.tiny).config
+    config = decoder_config(args.model, args.tiny)
 
     def base() -> nn.Module:  # shapes only: counting needs no weights
         with torch.device("meta"):

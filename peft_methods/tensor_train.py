@@ -43,7 +43,7 @@ def _primes(n: int) -> list[int]:
 def auto_modes(n: int, max_mode: int = 16) -> list[int]:
     """The fewest near-equal factors of `n` that are all <= `max_mode` (a prime above it stays one mode).
 
-    4096 -> [16, 16, 16], 576 -> [9, 8, 8], 64 -> [8, 8], 8 -> [8]: the authors' shapes use modes of 4-16.
+    4096 -> [16, 16, 16], 576 -> [12, 8, 6], 64 -> [8, 8], 8 -> [8]: the authors' shapes use modes of 4-16.
     """
     primes = _primes(n)
     for k in range(1, max(1, len(primes)) + 1):
