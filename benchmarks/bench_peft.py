@@ -156,15 +156,18 @@ def report(results: dict[str, dict[str, dict]], setup: Setup) -> str:
             table.append([method, f"{r['trainable']:,}", fmt(r["step_s"] / base["step_s"]), fmt(r["step_s"]),
                           fmt(r["infer_s"] / base["infer_s"]), merged, mib(r["peak_above_load"])])
         lines += ["", f"### {kind.upper()}", "", md_table(headers, table)]
-        lora, rep, adp, ada = rows["lora"], rows["loretta_rep_qkvo"], rows["loretta_adp"], rows["adapter"]
-        over_rep, over_lora = rep["infer_s"] / base["infer_s"], lora["infer_s"] / base["infer_s"]
-        lines += ["", f"LoRETTA_rep vs LoRA ({kind}, both on q/k/v/o, r=8): "
-                      f"{fmt(rep['trainable'] / lora['trainable'])}x the parameters, "
-                      f"{fmt(rep['step_s'] / lora['step_s'])}x the step time; unmerged inference overhead "
-                      f"{fmt(over_rep)}x vs LoRA's {fmt(over_lora)}x "
-                      f"(target LoRETTA_rep <= LoRA: {'met' if over_rep <= over_lora else 'missed'}). "
-                      f"LoRETTA_adp vs adapters: {fmt(adp['trainable'] / ada['trainable'])}x the parameters, "
-                      f"{fmt(adp['step_s'] / ada['step_s'])}x the step time."]
+        if "lora" in rows and "loretta_rep_qkvo" in rows:
+            lora, rep = rows["lora"], rows["loretta_rep_qkvo"]
+            over_rep, over_lora = rep["infer_s"] / base["infer_s"], lora["infer_s"] / base["infer_s"]
+            lines += ["", f"LoRETTA_rep vs LoRA ({kind}, both on q/k/v/o, r=8): "
+                          f"{fmt(rep['trainable'] / lora['trainable'])}x the parameters, "
+                          f"{fmt(rep['step_s'] / lora['step_s'])}x the step time; unmerged inference overhead "
+                          f"{fmt(over_rep)}x vs LoRA's {fmt(over_lora)}x "
+                          f"(target LoRETTA_rep <= LoRA: {'met' if over_rep <= over_lora else 'missed'})."]
+        if "loretta_adp" in rows and "adapter" in rows:
+            adp, ada = rows["loretta_adp"], rows["adapter"]
+            lines += ["", f"LoRETTA_adp vs adapters ({kind}): {fmt(adp['trainable'] / ada['trainable'])}x the "
+                          f"parameters, {fmt(adp['step_s'] / ada['step_s'])}x the step time."]
     return "\n".join(lines)
 
 
@@ -172,6 +175,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="toy model and batch (seconds)")
     parser.add_argument("--no-retro", action="store_true", help="GPT only")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="only these methods (default: all)")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -188,7 +192,8 @@ def main(argv=None) -> None:
             print("retro is not importable: GPT only", file=sys.stderr)
     from tqdm import tqdm
 
-    jobs = [(k, m) for k in kinds for m in ("base", *METHODS) if not (k == "retro" and m in GPT_ONLY)]
+    methods = args.methods or list(METHODS)
+    jobs = [(k, m) for k in kinds for m in ("base", *methods) if not (k == "retro" and m in GPT_ONLY)]
     results: dict[str, dict[str, dict]] = {k: {} for k in kinds}
     for kind, method in tqdm(jobs, desc="bench_peft", file=sys.stderr):
         # Toy runs stay in this process (seconds); their memory column is then only indicative.
