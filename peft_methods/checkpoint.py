@@ -83,9 +83,11 @@ def load_peft(base_model: nn.Module, directory: Union[str, Path], method: Option
         state = load_file(str(directory / HF_WEIGHTS_FILE))
         result = set_peft_model_state_dict(model, state)
         trained = [k for k in state if not k.endswith(_HF_FROZEN_SUFFIXES)]
-        if result.unexpected_keys or len(trained) != len(record.owned):
+        # peft loads a prompt table itself and still reports its key as unexpected
+        unexpected = [k for k in result.unexpected_keys if k != "prompt_embeddings"]
+        if unexpected or len(trained) != len(record.owned):
             raise ValueError(f"{directory / HF_WEIGHTS_FILE}: holds {len(state)} tensors for {len(record.owned)} "
-                             f"adapter parameters (unexpected: {result.unexpected_keys[:5]})")
+                             f"adapter parameters (unexpected: {unexpected[:5]})")
         return model
     state = load_file(str(directory / WEIGHTS_FILE))
     missing, unexpected = sorted(set(record.owned) - set(state)), sorted(set(state) - set(record.owned))
