@@ -22,13 +22,16 @@ ADAPTER_ATTR = "peft_adapter"  # child of the attention / MLP block, so it moves
 
 @dataclass
 class AdapterConfig(MethodConfig):
-    """Houlsby bottleneck adapters; `blocks` may add RETRO's neighbour encoder layers to the decoder layers."""
+    """Houlsby bottleneck adapters; `blocks` may add RETRO's neighbour encoder layers to the decoder layers.
+
+    Houlsby et al. (2019) also train the layer norms of the adapted layers, hence `train_norms=True` by default.
+    """
 
     method = "adapter"
+    train_norms: bool = True
     bottleneck: int = 64
     activation: str = "gelu"
     blocks: tuple[str, ...] = ("decoder",)
-    train_norms: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,8 +76,6 @@ def place_adapters(model: nn.Module, config, make: Callable[[int], BottleneckAda
             module.add_module(ADAPTER_ATTR, adapter)
             module.register_forward_hook(_adapt_output)
             owned += [(p, "adapter") for p in adapter.parameters()]
-        if config.train_norms:
-            owned += [(p, "norm") for norm in block.norms() for p in norm.parameters()]
     return owned
 
 

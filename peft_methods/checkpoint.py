@@ -1,9 +1,11 @@
 """Adapter-only checkpoints: save what a method owns, load it back onto the base model it was trained on.
 
 Takes an adapted model (from `apply_peft`) and a directory. Every checkpoint holds `peft_method.json` (our method
-name, its config, a fingerprint of the base model). LoRA and IA3 on a plain HF model are also written in the
-HF PEFT format (`adapter_config.json` + `adapter_model.safetensors`, loadable by `peft.PeftModel.from_pretrained`);
-every other method writes `peft_weights.safetensors`, which HF peft cannot mistake for one of its own adapters.
+name, its config, a fingerprint of the base model). The methods that come from HF peft (LoRA, DoRA, rsLoRA, VeRA,
+IA3, prefix tuning) on a plain HF model are also written in the HF PEFT format (`adapter_config.json` with task type
+CAUSAL_LM and the base model's id, + `adapter_model.safetensors`), loadable by `peft.PeftModel.from_pretrained` and
+`peft.AutoPeftModelForCausalLM`; every other method writes `peft_weights.safetensors`, which HF peft cannot mistake
+for one of its own adapters.
 """
 from __future__ import annotations
 
@@ -22,21 +24,41 @@ from .registry import apply_peft, peft_config_from_dict
 META_FILE = "peft_method.json"
 WEIGHTS_FILE = "peft_weights.safetensors"
 HF_WEIGHTS_FILE = "adapter_model.safetensors"
+HF_CONFIG_FILE = "adapter_config.json"
+# Tensors HF peft saves beside the trained ones: VeRA's shared random projections (regenerated from their seed).
+_HF_FROZEN_SUFFIXES = ("vera_A", "vera_B")
 
 
-def save_peft(model: nn.Module, directory: Union[str, Path]) -> Path:
-    """Write the method's own parameters and its config to `directory` (created if needed)."""
+def base_model_id(model: nn.Module) -> Optional[str]:
+    """The name the base model was loaded by (`config._name_or_path`: a hub id or a folder), if it has one."""
+    config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
+    name = getattr(config, "_name_or_path", None)
+    return str(name) if name else None
+
+
+def save_peft(model: nn.Module, directory: Union[str, Path], base_model: Optional[str] = None) -> Path:
+    """Write the method's own parameters and its config to `directory` (created if needed).
+
+    `base_model` is what HF peft records as `base_model_name_or_path` (the hub id that `AutoPeftModelForCausalLM`
+    loads, rather than a local cache folder); by default the name the base was loaded by.
+    """
     record = get_record(model)
     if record.merged:
         raise ValueError("the adapter is merged into the base weights; call unmerge_peft(model) before saving it")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    base_model = base_model or base_model_id(model)
     if record.hf_format:
         model.save_pretrained(str(directory))
+        config_path = directory / HF_CONFIG_FILE
+        hf_config = json.loads(config_path.read_text())
+        hf_config["base_model_name_or_path"] = base_model
+        config_path.write_text(json.dumps(hf_config, indent=2, sort_keys=True))
     else:
         state = {name: param.detach().to("cpu").contiguous() for name, param, _ in owned_parameters(model)}
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"method": record.method})
     meta = {"method": record.method, "config": record.config.to_dict(), "fingerprint": record.fingerprint,
+            "base_model": base_model,
             "format": "hf-peft" if record.hf_format else "safetensors", "counts": count_trainable(model)}
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
     return directory
@@ -60,9 +82,12 @@ def load_peft(base_model: nn.Module, directory: Union[str, Path], method: Option
     if meta["format"] == "hf-peft":
         state = load_file(str(directory / HF_WEIGHTS_FILE))
         result = set_peft_model_state_dict(model, state)
-        if result.unexpected_keys or len(state) != len(record.owned):
+        trained = [k for k in state if not k.endswith(_HF_FROZEN_SUFFIXES)]
+        # peft loads a prompt table itself and still reports its key as unexpected
+        unexpected = [k for k in result.unexpected_keys if k != "prompt_embeddings"]
+        if unexpected or len(trained) != len(record.owned):
             raise ValueError(f"{directory / HF_WEIGHTS_FILE}: holds {len(state)} tensors for {len(record.owned)} "
-                             f"adapter parameters (unexpected: {result.unexpected_keys[:5]})")
+                             f"adapter parameters (unexpected: {unexpected[:5]})")
         return model
     state = load_file(str(directory / WEIGHTS_FILE))
     missing, unexpected = sorted(set(record.owned) - set(state)), sorted(set(state) - set(record.owned))

@@ -58,11 +58,14 @@ def select_layers(layers: LayerSpec, n_layers: int) -> list[int]:
 
 @dataclass
 class MethodConfig:
-    """Fields every method has. `layers` picks decoder layers; `train_retro` also trains RETRO's added modules."""
+    """Fields every method has. `layers` picks decoder layers; `train_retro` also trains RETRO's added modules;
+    `train_norms` also trains the norms of the selected layers (counted as kind 'norm'). Each method's default for
+    `train_norms` is its paper's: only Houlsby adapters train them."""
 
     method: ClassVar[str] = ""
     layers: LayerSpec = "all"
     train_retro: bool = False
+    train_norms: bool = False
 
     def __post_init__(self) -> None:
         self.layers = _check_layer_spec(self.layers, type(self).__name__)
@@ -87,6 +90,12 @@ def probability(config: MethodConfig, *names: str) -> None:
         value = getattr(config, name)
         if not 0.0 <= float(value) < 1.0:
             raise ValueError(f"{type(config).__name__}.{name}={value!r}: must lie in [0, 1)")
+
+
+def choice(config: MethodConfig, name: str, allowed: Iterable[str]) -> None:
+    value = getattr(config, name)
+    if value not in allowed:
+        raise ValueError(f"{type(config).__name__}.{name}={value!r}: choose from {sorted(allowed)}")
 
 
 def as_str_tuple(config: MethodConfig, name: str, allowed: Iterable[str] | None = None) -> None:
@@ -166,12 +175,13 @@ def classify_existing(model: nn.Module) -> dict[int, str]:
 def fingerprint(named: Sequence[tuple[str, torch.Tensor]], skip_values: set[int]) -> str:
     """Hash of a base model's parameters; values of parameters the method will overwrite are left out.
 
-    Values are hashed at bfloat16 precision, so the same weights loaded in float32 or bfloat16 match.
+    Values are hashed at bfloat16 precision, so the same weights loaded in float32 or bfloat16 match. A model on
+    the meta device (shapes, no weights: for counting parameters) is hashed by names and shapes alone.
     """
     digest = hashlib.sha256()
     for name, param in sorted(named, key=lambda item: item[0]):
         digest.update(f"{name}:{tuple(param.shape)}".encode())
-        if id(param) not in skip_values:
+        if id(param) not in skip_values and not param.is_meta:
             values = param.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
             digest.update(values.numpy().tobytes())
     return digest.hexdigest()[:32]

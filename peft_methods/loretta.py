@@ -1,46 +1,88 @@
 """LoRETTA (Yang et al. 2024): tensor-train adapters (_adp) and tensor-train low-rank updates (_rep).
 
-Takes a causal LM or RETRO model; gives the same module adapted in place. Unlike the reference code, both variants
-are exact no-ops at initialisation (the last TT core of the up/B factor is zero), _rep merges by contracting the
-train into a dense update, and _adp really unfreezes (and counts) the layer norms it trains.
+Takes a causal LM or RETRO model; gives the same module adapted in place. The defaults reproduce the authors'
+reference code (github.com/yifanycc/loretta) on the widths they chose shapes for:
+
+- _adp: three adapters per layer around the MLP, not Houlsby's two: one on the input of each MLP input projection
+  (LLaMA: gate_proj and up_proj; GPT-2: c_fc; NeoX: dense_h_to_4h) and one on the output of the MLP output
+  projection (down_proj / c_proj / dense_4h_to_h). Each is x + up(tanh(down(x))) with TT down/up projections that
+  carry biases. On LLaMA-2-7B (width 4096, bottleneck 64, TT rank 5, modes [16,16,16 | 4,4,4]) each TT matrix has
+  16*5 + 5*16*5 + 5*16*5 + 5*4*5 + 5*4*5 + 5*4 = 1,100 parameters, an adapter 2*1,100 + 64 + 4,096 = 6,360, and the
+  model 32 layers * 3 * 6,360 = 610,560, the reference's count. `placement='houlsby'` keeps the after-attention /
+  after-MLP placement of bottleneck adapters.
+- _rep: LoRA's A (in, r) and B (r, out) as TT matrices, on q_proj and v_proj as in the reference; with r = 8 and
+  TT rank 5 the authors' modes for width 4096 are [16,16,8,4,4]: 16*5 + 5*16*5 + 5*8*5 + 5*4*5 + 5*4 = 800
+  parameters per factor, 2 * 2 * 800 * 32 = 102,400 on LLaMA-2-7B.
+- Norms: the reference's _adp trains none (its norm-marking loop reads a stale variable) and its _rep marks
+  parameters named '*Norm*' (BERT's LayerNorm; none on LLaMA), so both default to `train_norms=False`, which is
+  what their LLaMA counts contain; `train_norms=True` trains the norms of the adapted layers.
+- Shapes: `shapes='paper'` uses the authors' modes where they chose some for this (inner, model) width pair and
+  `auto_modes` (near-equal factors <= `max_mode`) elsewhere, e.g. SmolLM2's 576 -> [12, 8, 6]; `shapes='auto'`
+  always factorises automatically.
+
+Unlike the reference code both variants are exact no-ops at initialisation (the last TT core of the up/B factor and
+the up bias start at zero), and _rep merges by contracting the train into a dense update.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .adapters import ACTIVATIONS, BottleneckAdapter, place_adapters
-from .core import MethodConfig, Owned, as_str_tuple, positive, probability
-from .targets import BLOCKS, linear_dims, replace_module, resolve_targets
-from .tensor_train import TTMatrix
+from .core import MethodConfig, Owned, as_str_tuple, choice, positive, probability
+from .targets import BLOCKS, adapter_blocks, linear_dims, replace_module, resolve_targets
+from .tensor_train import TTMatrix, auto_modes
+
+# The authors' hand-chosen tensor modes. _adp, by (bottleneck, model width): (down modes, up modes); the down
+# projection (width -> bottleneck) reshapes a tensor over its modes row-major into (width, bottleneck).
+PAPER_ADP_MODES: dict[tuple[int, int], tuple[list[int], list[int]]] = {
+    (64, 768): ([8, 8, 12, 8, 8], [8, 8, 12, 8, 8]),
+    (64, 1024): ([4, 8, 8, 8, 8, 4], [4, 8, 8, 8, 8, 4]),
+    (64, 4096): ([16, 16, 16, 4, 4, 4], [4, 4, 4, 16, 16, 16]),
+    (64, 5120): ([5, 8, 8, 16, 8, 8], [8, 8, 16, 8, 8, 5]),
+    (64, 8192): ([16, 16, 16, 8, 4, 4], [4, 4, 8, 16, 16, 16]),
+}
+# _rep, by (LoRA rank r, model width): the modes of both A (width -> r) and B (r -> width) for that width.
+PAPER_REP_MODES: dict[tuple[int, int], list[int]] = {
+    (8, 768): [8, 8, 12, 8], (8, 1024): [4, 8, 8, 8, 4], (8, 4096): [16, 16, 8, 4, 4],
+    (8, 5120): [8, 8, 10, 8, 8], (8, 8192): [4, 16, 16, 16, 4],
+    (16, 768): [8, 16, 12, 8], (16, 1024): [4, 8, 16, 8, 4], (16, 4096): [16, 16, 16, 4, 4],
+    (16, 5120): [8, 16, 10, 8, 8], (16, 8192): [4, 16, 16, 16, 8],
+}
+SHAPES = ("paper", "auto")
+PLACEMENTS = ("paper", "houlsby")
 
 
-def _check_tt(config: MethodConfig) -> None:
-    positive(config, "tt_rank", "n_cores")
+def _check_tt(config) -> None:
+    positive(config, "tt_rank", "max_mode")
+    choice(config, "shapes", SHAPES)
 
 
 @dataclass
 class LorettaAdpConfig(MethodConfig):
-    """Houlsby adapters whose down/up projections are tensor-train matrices; layer norms trained by default."""
+    """Tensor-train adapters; defaults as in the authors' code (placement around the MLP, biases, tanh, no norms)."""
 
     method = "loretta_adp"
     bottleneck: int = 64
     tt_rank: int = 5
-    n_cores: int = 3
-    activation: str = "gelu"
+    shapes: str = "paper"
+    max_mode: int = 16
+    placement: str = "paper"
+    bias: bool = True
+    activation: str = "tanh"
     blocks: tuple[str, ...] = ("decoder",)
-    train_norms: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         positive(self, "bottleneck")
         _check_tt(self)
+        choice(self, "placement", PLACEMENTS)
         as_str_tuple(self, "blocks", BLOCKS)
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"LorettaAdpConfig.activation={self.activation!r}: choose from {sorted(ACTIVATIONS)}")
+        choice(self, "activation", ACTIVATIONS)
 
 
 @dataclass
@@ -51,9 +93,10 @@ class LorettaRepConfig(MethodConfig):
     r: int = 8
     alpha: float = 16.0
     tt_rank: int = 5
-    n_cores: int = 3
+    shapes: str = "paper"
+    max_mode: int = 16
     dropout: float = 0.0
-    targets: tuple[str, ...] = ("attention",)
+    targets: tuple[str, ...] = ("attention_qv",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,6 +106,26 @@ class LorettaRepConfig(MethodConfig):
         as_str_tuple(self, "targets")
 
 
+def rep_modes(in_dim: int, out_dim: int, r: int, shapes: str, max_mode: int) -> tuple[list[int], list[int]]:
+    """Modes of A (in_dim -> r) and B (r -> out_dim)."""
+    def modes(width: int, first: bool) -> list[int]:
+        if shapes == "paper" and (r, width) in PAPER_REP_MODES:
+            return list(PAPER_REP_MODES[(r, width)])
+        auto = auto_modes(width, max_mode), auto_modes(r, max_mode)
+        return auto[0] + auto[1] if first else auto[1] + auto[0]
+
+    return modes(in_dim, True), modes(out_dim, False)
+
+
+def adp_modes(width: int, bottleneck: int, shapes: str, max_mode: int) -> tuple[list[int], list[int]]:
+    """Modes of the down (width -> bottleneck) and up (bottleneck -> width) projections."""
+    if shapes == "paper" and (bottleneck, width) in PAPER_ADP_MODES:
+        down, up = PAPER_ADP_MODES[(bottleneck, width)]
+        return list(down), list(up)
+    w, b = auto_modes(width, max_mode), auto_modes(bottleneck, max_mode)
+    return w + b, b + w
+
+
 class TTLoRALayer(nn.Module):
     """A linear layer (nn.Linear or GPT-2 Conv1D) plus a tensor-train low-rank update that can be merged into it."""
 
@@ -70,8 +133,9 @@ class TTLoRALayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         in_dim, out_dim = linear_dims(base_layer)
-        self.tt_a = TTMatrix(in_dim, config.r, config.tt_rank, config.n_cores)
-        self.tt_b = TTMatrix(config.r, out_dim, config.tt_rank, config.n_cores, zero_last=True)
+        modes_a, modes_b = rep_modes(in_dim, out_dim, config.r, config.shapes, config.max_mode)
+        self.tt_a = TTMatrix(in_dim, config.r, modes_a, config.tt_rank)
+        self.tt_b = TTMatrix(config.r, out_dim, modes_b, config.tt_rank, zero_last=True)
         self.dropout = nn.Dropout(config.dropout)
         self.scaling = config.alpha / config.r
         self.merged = False
@@ -104,6 +168,19 @@ class TTLoRALayer(nn.Module):
         weight += (delta if isinstance(self.base_layer, Conv1D) else delta.T).to(weight.dtype)
 
 
+class TTLinear(nn.Module):
+    """A TT matrix plus an optional bias: (..., in) -> (..., out)."""
+
+    def __init__(self, in_dim: int, out_dim: int, modes: list[int], rank: int, bias: bool, zero: bool = False):
+        super().__init__()
+        self.tt = TTMatrix(in_dim, out_dim, modes, rank, zero_last=zero)
+        self.bias = nn.Parameter(torch.zeros(out_dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.tt(x)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
 def apply_loretta_rep(model: nn.Module, config: LorettaRepConfig) -> tuple[nn.Module, Owned]:
     owned: Owned = []
     for name in resolve_targets(model, config.targets, config.layers):
@@ -114,10 +191,40 @@ def apply_loretta_rep(model: nn.Module, config: LorettaRepConfig) -> tuple[nn.Mo
     return model, owned
 
 
+ADAPTER_ATTR = "loretta_adapter"  # child of the adapted linear layer, so it moves with .to() and deep copies
+
+
+def _adapt_input(module: nn.Module, args):
+    """Forward pre-hook: the layer reads adapter(x) instead of x (found on the module, so copies work)."""
+    return (getattr(module, ADAPTER_ATTR)(args[0]),) + tuple(args[1:])
+
+
+def _adapt_linear_output(module: nn.Module, args, output):
+    return getattr(module, ADAPTER_ATTR)(output)
+
+
 def apply_loretta_adp(model: nn.Module, config: LorettaAdpConfig) -> tuple[nn.Module, Owned]:
     def make(width: int) -> BottleneckAdapter:
-        down = TTMatrix(width, config.bottleneck, config.tt_rank, config.n_cores)
-        up = TTMatrix(config.bottleneck, width, config.tt_rank, config.n_cores, zero_last=True)
+        down_modes, up_modes = adp_modes(width, config.bottleneck, config.shapes, config.max_mode)
+        down = TTLinear(width, config.bottleneck, down_modes, config.tt_rank, config.bias)
+        up = TTLinear(config.bottleneck, width, up_modes, config.tt_rank, config.bias, zero=True)
         return BottleneckAdapter(down, up, config.activation)
 
-    return model, place_adapters(model, config, make)
+    if config.placement == "houlsby":
+        return model, place_adapters(model, config, make)
+    owned: Owned = []
+    for block in adapter_blocks(model, config.blocks, config.layers):
+        names = block.linears("mlp")
+        for name in names:
+            layer = model.get_submodule(name)
+            is_output = name == names[-1]
+            width = linear_dims(layer)[1 if is_output else 0]
+            adapter = make(width).to(layer.weight.device, layer.weight.dtype)
+            layer.add_module(ADAPTER_ATTR, adapter)
+            hook: Callable = _adapt_linear_output if is_output else _adapt_input
+            if is_output:
+                layer.register_forward_hook(hook)
+            else:
+                layer.register_forward_pre_hook(hook)
+            owned += [(p, "adapter") for p in adapter.parameters()]
+    return model, owned

@@ -1,10 +1,14 @@
-"""P-tuning (Liu et al., "GPT understands, too"): learned virtual tokens from a reparameterising prompt encoder.
+"""Soft prompts: P-tuning (Liu et al., "GPT understands, too"), prompt tuning (Lester et al. 2021), prefix tuning.
 
-Takes a causal LM or a RETRO model; gives a `PTuningModel` wrapper that prepends the virtual tokens (via
-`inputs_embeds`) and forwards `input_ids / attention_mask / labels / neighbours`. On RETRO the virtual block is
-padded to a whole number of m-token chunks and matched by missing (-1) neighbour chunks, so every real chunk keeps
-its own neighbours and the m-1 causal offset (plain prepending, as peft does, would shift chunk boundaries).
-The prompt encoder is peft's (MLP or bidirectional-LSTM head over an embedding table).
+Takes a causal LM or a RETRO model; P-tuning and prompt tuning give a `PTuningModel` wrapper that prepends the
+virtual tokens (via `inputs_embeds`) and forwards `input_ids / attention_mask / labels / neighbours`. On RETRO the
+virtual block is padded to a whole number of m-token chunks and matched by missing (-1) neighbour chunks, so every
+real chunk keeps its own neighbours and the m-1 causal offset (plain prepending, as peft does, would shift chunk
+boundaries); the pad slots are masked out (attention mask 0), so GPT and RETRO attend to the same `n_virtual` real
+virtual tokens. P-tuning's prompt encoder is peft's (MLP or bidirectional-LSTM head over an embedding table);
+prompt tuning trains the embedding table alone, initialised from the embeddings of random vocabulary tokens.
+Prefix tuning (Li & Liang 2021) is peft's, on GPT only: its learned keys/values enter as a KV cache, which RETRO's
+chunk positions cannot absorb.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import peft
 import torch
 from peft import PromptEncoder, PromptEncoderConfig
 from torch import nn
@@ -37,6 +42,48 @@ class PTuningConfig(MethodConfig):
             raise ValueError(f"PTuningConfig.encoder={self.encoder!r}: choose 'mlp' or 'lstm'")
 
 
+@dataclass
+class PromptTuningConfig(MethodConfig):
+    """`n_virtual` learned input embeddings, nothing else (`layers` does not apply)."""
+
+    method = "prompt_tuning"
+    n_virtual: int = 20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive(self, "n_virtual")
+
+
+@dataclass
+class PrefixTuningConfig(MethodConfig):
+    """`n_virtual` learned key/value vectors per layer (GPT only), optionally through an MLP (`projection_hidden`)."""
+
+    method = "prefix_tuning"
+    n_virtual: int = 20
+    projection_hidden: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive(self, "n_virtual")
+        if self.projection_hidden is not None:
+            positive(self, "projection_hidden")
+
+
+class PromptTable(nn.Module):
+    """Prompt tuning's 'encoder': the table itself, rows initialised from random vocabulary embeddings."""
+
+    def __init__(self, n_virtual: int, vocabulary: torch.Tensor):
+        super().__init__()
+        rows = torch.randint(0, vocabulary.shape[0], (n_virtual,))
+        self.embedding = nn.Embedding(n_virtual, vocabulary.shape[1])
+        if not vocabulary.is_meta:
+            with torch.no_grad():
+                self.embedding.weight.copy_(vocabulary.detach()[rows].to(self.embedding.weight))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(ids)
+
+
 def _cache_length(past_key_values) -> int:
     if past_key_values is None:
         return 0
@@ -48,16 +95,19 @@ def _cache_length(past_key_values) -> int:
 class PTuningModel(nn.Module):
     """Wraps a (RETRO or plain) causal LM; logits and hidden outputs cover the real tokens only."""
 
-    def __init__(self, model: nn.Module, config: PTuningConfig):
+    def __init__(self, model: nn.Module, config: PTuningConfig | PromptTuningConfig):
         super().__init__()
         self.model = model
         self.ptuning_config = config
-        width = model.get_input_embeddings().embedding_dim
-        encoder_config = PromptEncoderConfig(
-            num_virtual_tokens=config.n_virtual, token_dim=width, num_transformer_submodules=1,
-            encoder_reparameterization_type=config.encoder.upper(), encoder_hidden_size=config.encoder_hidden,
-            **({"encoder_num_layers": config.lstm_layers} if config.encoder == "lstm" else {}))
-        self.prompt_encoder = PromptEncoder(encoder_config)
+        table = model.get_input_embeddings().weight
+        if isinstance(config, PromptTuningConfig):
+            self.prompt_encoder = PromptTable(config.n_virtual, table)
+        else:
+            encoder_config = PromptEncoderConfig(
+                num_virtual_tokens=config.n_virtual, token_dim=table.shape[1], num_transformer_submodules=1,
+                encoder_reparameterization_type=config.encoder.upper(), encoder_hidden_size=config.encoder_hidden,
+                **({"encoder_num_layers": config.lstm_layers} if config.encoder == "lstm" else {}))
+            self.prompt_encoder = PromptEncoder(encoder_config)
         self.chunk_size: Optional[int] = model.chunk_size if is_retro(model) else None
         m = self.chunk_size or 1
         self.n_prefix = math.ceil(config.n_virtual / m) * m  # virtual block length, whole chunks on RETRO
@@ -76,6 +126,13 @@ class PTuningModel(nn.Module):
             virtual = torch.cat([virtual.new_zeros(1, pad, virtual.shape[2]), virtual], dim=1)
         return virtual.expand(batch, -1, -1)
 
+    def prefix_mask(self, like: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B, P) attention mask of the virtual block: 0 on the pad slots, 1 on the real virtual tokens."""
+        pad = self.n_prefix - self.ptuning_config.n_virtual
+        mask = like.new_ones(batch, self.n_prefix)
+        mask[:, :pad] = 0
+        return mask
+
     def _prefix_neighbours(self, neighbours: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if neighbours is None or self.chunk_size is None:
             return neighbours
@@ -93,12 +150,18 @@ class PTuningModel(nn.Module):
             raise ValueError("neighbours were given but the wrapped model is not RETRO (it has no chunk_size)")
         if position_ids is not None:
             position_ids = position_ids + P
+        padded = P > self.ptuning_config.n_virtual
+        tokens = input_ids if input_ids is not None else inputs_embeds
         past = _cache_length(past_key_values)
+        if padded and attention_mask is None:  # the pad slots must stay masked, so a mask is always passed
+            attention_mask = torch.ones(tokens.shape[0], max(0, past - P) + tokens.shape[1], dtype=torch.long,
+                                        device=tokens.device)
         if past > 0:
             # Generation after the first step: the virtual tokens already sit in the cache.
-            new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            new = tokens.shape[1]
             if attention_mask is not None and attention_mask.shape[1] + P == past + new:
-                attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], P), attention_mask], 1)
+                attention_mask = torch.cat([self.prefix_mask(attention_mask, attention_mask.shape[0]),
+                                            attention_mask], 1)
             return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                               labels=labels, past_key_values=past_key_values, use_cache=use_cache,
                               position_ids=position_ids, **extra)
@@ -107,7 +170,7 @@ class PTuningModel(nn.Module):
         B = inputs_embeds.shape[0]
         inputs_embeds = torch.cat([self.virtual_embeddings(B).to(inputs_embeds.dtype), inputs_embeds], 1)
         if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], 1)
+            attention_mask = torch.cat([self.prefix_mask(attention_mask, B), attention_mask], 1)
         if position_ids is not None:
             position_ids = torch.cat([torch.arange(P, device=position_ids.device).expand(B, P), position_ids], 1)
         if labels is not None:
@@ -122,9 +185,24 @@ class PTuningModel(nn.Module):
         return out
 
 
-def apply_ptuning(model: nn.Module, config: PTuningConfig) -> tuple[nn.Module, Owned]:
+def apply_ptuning(model: nn.Module, config: PTuningConfig | PromptTuningConfig) -> tuple[nn.Module, Owned]:
     wrapper = PTuningModel(model, config)
     encoder = wrapper.prompt_encoder
     table = {id(p) for p in encoder.embedding.parameters()}
     owned: Owned = [(p, "prompt" if id(p) in table else "encoder") for p in encoder.parameters()]
     return wrapper, owned
+
+
+def apply_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> tuple[nn.Module, Owned]:
+    if is_retro(model):
+        raise ValueError("prefix_tuning is not available on RETRO: its learned keys/values enter every layer as a KV "
+                         "cache of n_virtual positions, which shifts RETRO's chunk boundaries and its cached retrieval "
+                         "state; use ptuning or prompt_tuning (chunk-aligned virtual tokens) on RETRO")
+    projection = config.projection_hidden is not None
+    peft_config = peft.PrefixTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=config.n_virtual,
+                                          prefix_projection=projection,
+                                          **({"encoder_hidden_size": config.projection_hidden} if projection else {}))
+    out = peft.get_peft_model(model, peft_config)
+    table = {id(p) for p in out.prompt_encoder.default.embedding.parameters()}
+    owned: Owned = [(p, "prompt" if id(p) in table else "encoder") for p in out.prompt_encoder.default.parameters()]
+    return out, owned

@@ -15,7 +15,7 @@ from torch import nn
 
 from .core import RECORD_ATTR, ApplyFn, MethodConfig, PeftRecord, fingerprint, get_record
 from .loretta import TTLoRALayer
-from .targets import is_retro
+from .targets import is_retro, norm_parameters
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,8 @@ def apply_peft(model: nn.Module, config: Union[MethodConfig, Mapping]) -> nn.Mod
         param.requires_grad_(False)
 
     adapted, owned = METHODS[config.method].apply(model, config)
+    if config.train_norms:
+        owned += [(p, "norm") for p in norm_parameters(model, config.layers, getattr(config, "blocks", ("decoder",)))]
     if config.train_retro:
         owned += [(p, "retro") for p in model.retro_parameters()]
 

@@ -13,7 +13,6 @@ The library itself imports nothing from the project; only this command line borr
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 from typing import Callable, Mapping, Optional, Sequence
@@ -32,12 +31,21 @@ DEFAULT_CONFIGS: tuple[dict, ...] = (
     {"method": "lora", "targets": ["cca"]},
     {"method": "lora", "targets": ["attention", "cca", "retro_encoder"]},
     {"method": "lora", "train_retro": True},
+    {"method": "rslora"},
+    {"method": "dora"},
+    {"method": "vera"},
     {"method": "ia3"},
+    {"method": "ia3", "placement": "attention_mlp_out"},
     {"method": "ptuning"},
+    {"method": "prompt_tuning"},
+    {"method": "prefix_tuning"},
     {"method": "adapter"},
+    {"method": "adapter", "train_norms": False},
     {"method": "loretta_adp"},
+    {"method": "loretta_adp", "placement": "houlsby", "train_norms": True},
     {"method": "loretta_rep"},
-    {"method": "loretta_rep", "targets": ["attention", "mlp"]},
+    {"method": "loretta_rep", "targets": ["attention"]},
+    {"method": "bitfit"},
     {"method": "full"},
 )
 
@@ -56,7 +64,7 @@ def describe(config: Mapping) -> str:
 def _cell(factory: Factory, config: Mapping) -> Optional[dict]:
     try:
         return count_trainable(apply_peft(factory(), config))
-    except ValueError:  # e.g. a RETRO-only target on the GPT model
+    except ValueError:  # e.g. a RETRO-only target on the GPT model, prefix tuning on RETRO, BitFit without biases
         return None
 
 
@@ -106,6 +114,19 @@ def load_cli_decoder(name: Optional[str], tiny: bool) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").eval()
 
 
+def decoder_config(name: Optional[str], tiny: bool):
+    """The decoder's config alone (the project's resolver when installed), without loading its weights."""
+    try:
+        from retrotune.models import DEFAULT_DECODER, resolve_decoder
+    except ImportError:
+        resolve_decoder = None
+    if tiny or resolve_decoder is None:
+        return load_cli_decoder(name, tiny).config
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_decoder(name or DEFAULT_DECODER))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status 2 with one `error: ...` line when the model cannot be found or read (`--debug`: traceback)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -118,15 +139,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.chunk_size <= 0:
         parser.error(f"--chunk-size must be a positive number of tokens, got {args.chunk_size}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM
+
     try:
-        base = load_cli_decoder(args.model, args.tiny)
+        config = decoder_config(args.model, args.tiny)
     except OSError as error:  # a missing folder or file, an unknown alias, no hub: the user's to fix
         if args.debug:
             raise
         print(f"error: the decoder {args.model or 'smollm2-135m'!r} could not be loaded ({str(error).splitlines()[0]})"
               f"; pass --model with a model folder or alias, or --tiny", file=sys.stderr)
         return 2
-    models: dict[str, Factory] = {"GPT": lambda: copy.deepcopy(base)}
+
+    def base() -> nn.Module:  # shapes only: counting needs no weights
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+
+    models: dict[str, Factory] = {"GPT": base}
     if not args.no_retro:
         try:
             from retro import RetroConfig, retrofit
@@ -134,7 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("retro is not importable: GPT column only", file=sys.stderr)
         else:
             chunk = 4 if args.tiny else args.chunk_size
-            models["RETRO"] = lambda: retrofit(copy.deepcopy(base), RetroConfig(chunk_size=chunk))
+            models["RETRO"] = lambda: retrofit(base(), RetroConfig(chunk_size=chunk))
     print(parameter_table(models))
     return 0
 

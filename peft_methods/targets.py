@@ -14,11 +14,16 @@ from transformers.pytorch_utils import Conv1D
 from .core import LayerSpec, is_norm, select_layers
 
 # Presets a config may name; anything else is a module leaf name matched inside the selected decoder layers.
-PRESETS = ("attention", "mlp", "mlp_out", "cca", "retro_encoder")
+# attention_qv / attention_kv: query and value (key and value) projections; where one fused layer computes q, k and v
+# (GPT-2's c_attn, NeoX's query_key_value) that layer is the target, so the method also touches the third.
+PRESETS = ("attention", "attention_qv", "attention_kv", "mlp", "mlp_out", "cca", "retro_encoder")
 BLOCKS = ("decoder", "retro_encoder")
 
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
+# Leaf names of separate query/key/value projections, and of fused ones (GPT-2, NeoX) that hold all three.
+_PROJECTION_NAMES = {"q": ("q_proj", "query", "q"), "k": ("k_proj", "key", "k"), "v": ("v_proj", "value", "v")}
+_FUSED_QKV = ("c_attn", "query_key_value", "qkv_proj", "Wqkv", "qkv")
 
 
 def is_retro(model: nn.Module) -> bool:
@@ -75,6 +80,11 @@ class Block:
         child_name, child = self.attention if part == "attention" else self.mlp
         return [f"{self.name}.{child_name}.{n}" for n, m in child.named_modules() if is_linear_like(m)]
 
+    def projections(self, which: str) -> list[str]:
+        """Attention linears computing the given ones of q/k/v ('qv', 'kv'); a fused q/k/v layer counts for all."""
+        leaves = {name for part in which for name in _PROJECTION_NAMES[part]} | set(_FUSED_QKV)
+        return [n for n in self.linears("attention") if n.rsplit(".", 1)[1] in leaves]
+
     def norms(self) -> list[nn.Module]:
         return [m for _, m in self.layer.named_children() if is_norm(m)]
 
@@ -103,6 +113,8 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...], layers: LayerSpe
     for target in targets:
         if target in ("attention", "mlp"):
             found = [n for _, b in blocks for n in b.linears(target)]
+        elif target in ("attention_qv", "attention_kv"):
+            found = [n for _, b in blocks for n in b.projections(target.rsplit("_", 1)[1])]
         elif target == "mlp_out":
             found = [b.linears("mlp")[-1] for _, b in blocks]
         elif target == "cca":
@@ -139,3 +151,8 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, leaf, new)
+
+
+def norm_parameters(model: nn.Module, layers: LayerSpec, blocks: tuple[str, ...] = ("decoder",)) -> list[nn.Parameter]:
+    """Parameters of the norms inside the selected decoder layers (and RETRO's encoder layers if `blocks` names it)."""
+    return [p for block in adapter_blocks(model, blocks, layers) for norm in block.norms() for p in norm.parameters()]

@@ -51,6 +51,17 @@ class _Step:
     tokens: torch.Tensor | None = None  # (B, n, D) input embeddings of the new tokens (CCA's induction path)
 
 
+class _CCAHook:
+    """The forward hook of one CCA layer. An object holding (model, layer) rather than a closure, so that
+    `copy.deepcopy` rebinds it to the copy (deepcopy maps the model to its copy) and pickle/`torch.save` can store it."""
+
+    def __init__(self, model: "RetroModel", layer: int):
+        self.model, self.layer = model, layer
+
+    def __call__(self, module, args, output):
+        return self.model._make_hook(self.layer)(module, args, output)
+
+
 class RetroModel(nn.Module):
     """A frozen HF causal LM plus a neighbour encoder (`encoder`) and gated CCA blocks (`cca[str(layer)]`)."""
 
@@ -74,7 +85,7 @@ class RetroModel(nn.Module):
         self.cca.to(device=emb.device, dtype=emb.dtype)
         self._step: _Step | None = None
         layers = decoder_layers(base)
-        self._hooks = [layers[i].register_forward_hook(self._make_hook(i)) for i in config.cca_layers]
+        self._hooks = [layers[i].register_forward_hook(_CCAHook(self, i)) for i in config.cca_layers]
 
     @property
     def chunk_size(self) -> int:

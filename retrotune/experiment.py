@@ -8,6 +8,7 @@ cell. Finished cells and evaluations are read back, not recomputed, so an interr
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import time
@@ -139,6 +140,19 @@ def zero_shot_rows(exp: ExperimentConfig, out: Path, retrofit_dir: Path | None) 
     return rows
 
 
+def cell_hparams(exp: ExperimentConfig, entry: dict) -> tuple[dict, dict]:
+    """(method fields, train settings) of a cell: the run's train settings, updated by the method's defaults from its
+    paper (`peft_methods.default_hparams`), updated by the entry's own `train:` overrides."""
+    from peft_methods import resolve_hparams, split_peft_entry
+
+    fields, overrides = split_peft_entry(entry, where=f"peft entry {entry}")
+    run_train = dataclasses.asdict(_run_config(exp).train)
+    try:
+        return fields, resolve_hparams(run_train, fields["method"], overrides)
+    except ValueError as error:
+        raise ConfigError(f"peft entry {entry}: {error}") from None
+
+
 def run_experiment(exp: ExperimentConfig) -> dict:
     out = Path(exp.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,8 +170,9 @@ def run_experiment(exp: ExperimentConfig) -> dict:
         name = f"{model}-{peft['method']}-n{size or 'all'}-s{seed}"
         peft = {**peft, **exp.retro_peft} if model == "retro" else peft
         folder = out / "cells" / name
+        peft, train = cell_hparams(exp, peft)
         config = _run_config(exp, model=model, peft=peft, output_dir=str(folder), data={"train_size": size},
-                             train={"seed": seed},
+                             train={**train, "seed": seed},
                              init_from=str(retrofit_dir) if model == "retro" and retrofit_dir else None)
         if not (folder / FINAL / "run.json").is_file():
             train_run(config)
@@ -171,6 +186,7 @@ def run_experiment(exp: ExperimentConfig) -> dict:
         scores = _cached(folder / "eval" / "scores.json", compute)
         label = {"gpt": "GPT + neighbours in prompt", "retro": "RETRO"}[model]
         rows.append({"model": label, "method": peft["method"], "peft": peft,
+                     "train": {k: getattr(config.train, k) for k in ("lr", "warmup_steps", "max_steps", "batch_size")},
                      "trainable_parameters": summary["trainable_parameters"]["trainable"],
                      "train_seconds": summary["train_seconds"], "train_size": size, "seed": seed, **scores})
         cells.append(folder)

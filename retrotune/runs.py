@@ -307,7 +307,9 @@ def _write_final(output_dir: Path, model, config: RunConfig, summary: dict, save
     staging = Path(tempfile.mkdtemp(prefix=".final-", dir=output_dir))
     try:
         if config.stage == "finetune":
-            save_peft(model, staging / "adapter")
+            from retrotune.models import hub_id
+
+            save_peft(model, staging / "adapter", base_model=hub_id(config.decoder))
             if config.model == "retro":
                 shutil.copytree(output_dir / "retro-init", staging / "retro")
         else:

@@ -12,13 +12,16 @@ EXPERIMENTS = {"demo.yaml", "experiment_gpu.yaml"}
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_config_loads(path):
-    from peft_methods import peft_config_from_dict
+    from peft_methods import peft_config_from_dict, split_peft_entry
+    from retrotune.experiment import cell_hparams
 
     if path.name in EXPERIMENTS:
         experiment = load_experiment(str(path))
         assert experiment.models and experiment.peft
         for peft in experiment.peft:
-            peft_config_from_dict(peft, where=str(path))
+            fields, train = split_peft_entry(peft, where=str(path))
+            peft_config_from_dict(fields, where=str(path))
+            cell_hparams(experiment, peft)  # the cell's training settings resolve and validate
     else:
         config = load_config(str(path))
         assert config.stage in ("retrofit", "finetune")

@@ -1,10 +1,12 @@
 """Parameter counts against hand computations, target presets per family, layer selection, config validation."""
+import math
+
 import pytest
 import torch
 
 from conftest import build_tiny_lm
 import peft_methods as pm
-from peft_methods.tensor_train import TTMatrix, factorize
+from peft_methods.tensor_train import TTMatrix, auto_modes, factorize
 
 retro = pytest.importorskip("retro")
 
@@ -33,31 +35,60 @@ def test_lora_counts_by_hand():
 
 
 def test_ia3_counts_by_hand():
-    # output scaling of q (32), k (16), v (16), o (32); input scaling of down_proj (64)
-    assert trainable("llama", {"method": "ia3"})["adapter"] == 4 * (32 + 16 + 16 + 32 + 64)
-    # NeoX: query_key_value (96) and attention.dense (32) outputs, dense_4h_to_h input (64)
-    assert trainable("gpt_neox", {"method": "ia3"})["adapter"] == 4 * (96 + 32 + 64)
+    # the paper's placement: output scaling of k (16) and v (16), input scaling of down_proj (the FFN intermediate, 64)
+    assert trainable("llama", {"method": "ia3"})["adapter"] == 4 * (16 + 16 + 64)
+    # the former placement, kept as a named option: q (32), k, v, o (32) and down_proj's input
+    assert trainable("llama", {"method": "ia3", "placement": "attention_mlp_out"})["adapter"] == \
+        4 * (32 + 16 + 16 + 32 + 64)
+    # NeoX fuses q/k/v into query_key_value (96), so keys and values are scaled there; dense_4h_to_h input (64)
+    assert trainable("gpt_neox", {"method": "ia3"})["adapter"] == 4 * (96 + 64)
 
 
 def test_adapter_counts_by_hand():
     per_adapter = (32 * 8 + 8) + (8 * 32 + 32)
-    assert trainable("llama", {"method": "adapter", "bottleneck": 8})["trainable"] == 4 * 2 * per_adapter
-    counts = trainable("gpt2", {"method": "adapter", "bottleneck": 8, "train_norms": True, "layers": "bottom:1"})
-    assert counts == {**counts, "adapter": 2 * per_adapter, "norm": 2 * 64, "trainable": 2 * per_adapter + 128}
+    # Houlsby et al. train the layer norms too (two per layer, 32 weights each on Llama)
+    counts = trainable("llama", {"method": "adapter", "bottleneck": 8})
+    assert counts == {**counts, "adapter": 4 * 2 * per_adapter, "norm": 4 * 64}
+    counts = trainable("gpt2", {"method": "adapter", "bottleneck": 8, "train_norms": False, "layers": "bottom:1"})
+    assert counts == {**counts, "adapter": 2 * per_adapter, "norm": 0, "trainable": 2 * per_adapter}
 
 
 def test_loretta_counts_by_hand():
-    # 32 = 4*4*2 and 8 = 2*2*2 over 3 cores, TT ranks (1, 3, 3, 1)
-    down = 1 * 4 * 2 * 3 + 3 * 4 * 2 * 3 + 3 * 2 * 2 * 1
-    up = 1 * 2 * 4 * 3 + 3 * 2 * 4 * 3 + 3 * 2 * 2 * 1
-    counts = trainable("gpt2", {"method": "loretta_adp", "bottleneck": 8, "tt_rank": 3, "n_cores": 3})
-    assert counts["adapter"] == 4 * 2 * (down + up)
-    assert counts["norm"] == 4 * 2 * 64  # ln_1 and ln_2 (weight and bias) really are trained and counted
-    # _rep on Llama q_proj of layer 0, r=4, 2 cores: 32 = 8*4, 4 = 2*2, TT ranks (1, 2, 1)
-    a = 1 * 8 * 2 * 2 + 2 * 4 * 2 * 1
-    b = 1 * 2 * 8 * 2 + 2 * 2 * 4 * 1
-    cfg = {"method": "loretta_rep", "r": 4, "tt_rank": 2, "n_cores": 2, "targets": ["q_proj"], "layers": [0]}
-    assert trainable("llama", cfg)["trainable"] == a + b
+    # width 32 has no shape of the authors': automatic modes 32 -> [8, 4], 8 -> [8]; TT ranks 3
+    down = 1 * 8 * 3 + 3 * 4 * 3 + 3 * 8 * 1  # modes [8, 4, 8]
+    up = 1 * 8 * 3 + 3 * 8 * 3 + 3 * 4 * 1  # modes [8, 8, 4]
+    per_adapter = down + up + 8 + 32  # with the biases of both projections
+    counts = trainable("llama", {"method": "loretta_adp", "bottleneck": 8, "tt_rank": 3})
+    assert counts["adapter"] == counts["trainable"] == 4 * 3 * per_adapter  # gate_proj, up_proj in; down_proj out
+    counts = trainable("gpt2", {"method": "loretta_adp", "bottleneck": 8, "tt_rank": 3, "train_norms": True})
+    assert counts["adapter"] == 4 * 2 * per_adapter  # c_fc in; c_proj out
+    assert counts["norm"] == 4 * 2 * 64  # ln_1 and ln_2 (weight and bias), only when asked for
+    no_bias = trainable("gpt2", {"method": "loretta_adp", "bottleneck": 8, "tt_rank": 3, "bias": False})
+    assert no_bias["adapter"] == 4 * 2 * (down + up)
+    houlsby = trainable("gpt2", {"method": "loretta_adp", "bottleneck": 8, "tt_rank": 3, "placement": "houlsby"})
+    assert houlsby["adapter"] == 4 * 2 * per_adapter  # after attention and after the MLP
+    # _rep on Llama q_proj (32 -> 32) and v_proj (32 -> 16), r=4, TT rank 2: A [8, 4, 4], B_q [4, 8, 4], B_v [4, 16]
+    a = 1 * 8 * 2 + 2 * 4 * 2 + 2 * 4 * 1
+    b_q = 1 * 4 * 2 + 2 * 8 * 2 + 2 * 4 * 1
+    b_v = 1 * 4 * 2 + 2 * 16 * 1
+    cfg = {"method": "loretta_rep", "r": 4, "tt_rank": 2, "layers": [0]}
+    assert trainable("llama", cfg)["trainable"] == 2 * a + b_q + b_v
+
+
+def test_new_method_counts_by_hand():
+    # DoRA: LoRA's A, B plus one magnitude per output feature (q 32, k 16, v 16, o 32)
+    assert trainable("llama", {"method": "dora", "r": 4})["adapter"] == 4 * 896 + 4 * 96
+    assert trainable("llama", {"method": "rslora", "r": 4})["adapter"] == 4 * 896
+    # VeRA: per layer d (r) and b (out); the shared random A, B are frozen buffers
+    assert trainable("llama", {"method": "vera", "r": 16})["adapter"] == 4 * (4 * 16 + 32 + 16 + 16 + 32)
+    assert trainable("llama", {"method": "prompt_tuning", "n_virtual": 5}) == \
+        {**trainable("llama", {"method": "prompt_tuning", "n_virtual": 5}), "prompt": 5 * 32, "trainable": 5 * 32}
+    # prefix tuning: a key and a value vector per virtual token and layer (Llama: 2 key/value heads of 8 = 16 wide)
+    assert trainable("llama", {"method": "prefix_tuning", "n_virtual": 5})["prompt"] == 5 * 4 * 2 * 16
+    assert trainable("gpt2", {"method": "prefix_tuning", "n_virtual": 5})["prompt"] == 5 * 4 * 2 * 32
+    # BitFit on GPT-2: c_attn 96, attn.c_proj 32, c_fc 128, mlp.c_proj 32 biases; ln_1/ln_2 biases count as norms
+    counts = trainable("gpt2", {"method": "bitfit"})
+    assert counts == {**counts, "bias": 4 * (96 + 32 + 128 + 32), "norm": 4 * 2 * 32}
 
 
 def test_ptuning_counts_by_hand():
@@ -111,8 +142,8 @@ def test_retro_presets():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match=r"known methods: \['adapter', 'full', 'ia3'"):
-        pm.peft_config_from_dict({"method": "dora"})
+    with pytest.raises(ValueError, match=r"known methods: \['adapter', 'bitfit', 'dora'"):
+        pm.peft_config_from_dict({"method": "qlora"})
     with pytest.raises(ValueError, match="valid fields"):
         pm.peft_config_from_dict({"method": "lora", "rank": 8})
     with pytest.raises(ValueError, match="layers"):
@@ -135,17 +166,94 @@ def test_factorize_any_width(n):
     factors = factorize(n, 3)
     assert len(factors) == 3 and factors[0] * factors[1] * factors[2] == n
     assert factors == sorted(factors, reverse=True)
+    modes = auto_modes(n)
+    assert math.prod(modes) == n and (max(modes) <= 16 or n == 97)
 
 
-def test_tt_matrix_contracts_to_its_dense_form():
+def test_auto_modes_examples():
+    assert auto_modes(4096) == [16, 16, 16] and auto_modes(576) == [12, 8, 6]
+    assert auto_modes(64) == [8, 8] and auto_modes(8) == [8] and auto_modes(97) == [97]
+
+
+@pytest.mark.parametrize("in_dim,out_dim,modes", [(24, 10, [4, 6, 10]), (24, 10, [4, 3, 4, 5]),
+                                                  (4096, 8, [16, 16, 8, 4, 4]), (8, 4096, [16, 16, 8, 4, 4]),
+                                                  (6, 4, [4, 6])])
+def test_tt_matrix_streams_like_its_dense_form(in_dim, out_dim, modes):
     torch.manual_seed(0)
-    tt = TTMatrix(24, 10, rank=3, n_cores=3)
-    x = torch.randn(5, 24)
-    torch.testing.assert_close(tt(x), x @ tt.dense())
-    # element (0, 0) is the product of the cores' first slices
-    w = tt.cores[0][:, 0, 0] @ tt.cores[1][:, 0, 0] @ tt.cores[2][:, 0, 0]
-    torch.testing.assert_close(tt.dense()[0, 0], w.squeeze())
-    assert TTMatrix(24, 10, 3, 3, zero_last=True).dense().abs().sum() == 0
+    tt = TTMatrix(in_dim, out_dim, modes, rank=3)
+    x = torch.randn(5, 7, in_dim)
+    want = x @ tt.dense()
+    torch.testing.assert_close(tt(x), want, rtol=1e-4, atol=1e-5)  # grad enabled: streamed where it is cheaper
+    if tt.split is not None:
+        torch.testing.assert_close(tt._contract(x.reshape(-1, in_dim)).reshape(want.shape), want,
+                                   rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(tt(x), want, rtol=1e-4, atol=1e-5)  # cached dense weight
+        tt.cores[0].mul_(2)  # the cache notices a changed core
+        torch.testing.assert_close(tt(x), 2 * want, rtol=1e-4, atol=1e-5)
+    assert TTMatrix(24, 10, [4, 6, 10], 3, zero_last=True).dense().abs().sum() == 0
+    with pytest.raises(ValueError, match="multiply to"):
+        TTMatrix(24, 10, [4, 6, 9], 3)
+
+
+def test_tt_streaming_is_taken_for_the_papers_shapes():
+    tt = TTMatrix(4096, 8, [16, 16, 8, 4, 4], rank=5)
+    assert tt.split == [(16, 1), (16, 1), (8, 1), (2, 2), (1, 4)]
+    assert tt._stream_cost(128) < tt._dense_cost() + 128 * 4096 * 8
+    assert TTMatrix(6, 4, [4, 6], rank=2).split is None  # 6 rows do not fall on the modes: dense only
+
+
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32)
+# Hand-derived counts on LLaMA-2-7B shapes (32 layers, width 4096, MLP 11008), each method's defaults.
+LLAMA2_7B_COUNTS = {
+    "lora": 32 * 4 * 8 * (4096 + 4096),  # r=8 on q, k, v, o: 8,388,608
+    "rslora": 32 * 4 * 8 * (4096 + 4096),
+    "dora": 32 * 4 * (8 * (4096 + 4096) + 4096),  # + a magnitude per output feature
+    "vera": 32 * 4 * (256 + 4096),  # d (r=256) and b (out) per layer
+    "ia3": 32 * (4096 + 4096 + 11008),  # keys, values, FFN intermediate: 614,400
+    "ptuning": 20 * 4096 + (4096 * 128 + 128) + (128 * 128 + 128) + (128 * 4096 + 4096),
+    "prompt_tuning": 20 * 4096,
+    "prefix_tuning": 20 * 32 * 2 * 4096,
+    "adapter": 32 * (2 * (4096 * 64 + 64 + 64 * 4096 + 4096) + 2 * 4096),  # Houlsby: two adapters + layer norms
+    "loretta_adp": 610_560,  # the reference's count; derivation in peft_methods/loretta.py
+    "loretta_rep": 102_400,
+    "full": 6_738_415_616,
+}
+
+
+@pytest.fixture(scope="module")
+def llama2_7b_on_meta():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    def build():
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA2_7B))
+    return build
+
+
+@pytest.mark.parametrize("method", sorted(LLAMA2_7B_COUNTS))
+def test_llama2_7b_counts_on_the_meta_device(method, llama2_7b_on_meta):
+    counts = pm.count_trainable(pm.apply_peft(llama2_7b_on_meta(), {"method": method}))
+    assert counts["trainable"] == LLAMA2_7B_COUNTS[method]
+
+
+def test_llama2_7b_loretta_presets_by_hand(llama2_7b_on_meta):
+    # _adp: TT over [16,16,16,4,4,4] at rank 5: 16*5 + 5*16*5 + 5*16*5 + 5*4*5 + 5*4*5 + 5*4 = 1,100 per projection;
+    # an adapter is two projections plus biases (64 + 4096); three adapters (gate/up inputs, down output) a layer
+    tt = 1 * 16 * 5 + 5 * 16 * 5 + 5 * 16 * 5 + 5 * 4 * 5 + 5 * 4 * 5 + 5 * 4 * 1
+    assert 32 * 3 * (2 * tt + 64 + 4096) == LLAMA2_7B_COUNTS["loretta_adp"]
+    # _rep: A and B over [16,16,8,4,4] at rank 5 (800 each) on q_proj and v_proj
+    tt = 1 * 16 * 5 + 5 * 16 * 5 + 5 * 8 * 5 + 5 * 4 * 5 + 5 * 4 * 1
+    assert 32 * 2 * 2 * tt == LLAMA2_7B_COUNTS["loretta_rep"]
+    counts = pm.count_trainable(pm.apply_peft(llama2_7b_on_meta(), {"method": "loretta_rep", "train_norms": True}))
+    assert counts == {**counts, "adapter": 102_400, "norm": 32 * 2 * 4096}
+    # the automatic shapes (4096 -> [16,16,16], 8 -> [8]) give another count, as intended
+    auto = pm.count_trainable(pm.apply_peft(llama2_7b_on_meta(), {"method": "loretta_rep", "shapes": "auto"}))
+    a = 1 * 16 * 5 + 5 * 16 * 5 + 5 * 16 * 5 + 5 * 8 * 1
+    assert auto["trainable"] == 32 * 2 * 2 * a
+    with pytest.raises(ValueError, match="no bias parameters"):
+        pm.apply_peft(llama2_7b_on_meta(), {"method": "bitfit"})
 
 
 @pytest.mark.integration
@@ -161,9 +269,9 @@ def test_counts_and_no_op_on_the_default_decoder():
     assert pm.count_trainable(lora)["adapter"] == 30 * 8 * (2 * (576 + 576) + 2 * (576 + 192))
     model = lora.unload()  # peft's own way back to the bare model
     rep = pm.apply_peft(model, {"method": "loretta_rep", "r": 8, "tt_rank": 5, "targets": ["q_proj"], "layers": [0]})
-    # 576 = 12*8*6 and 8 = 2*2*2 over 3 cores, TT ranks (1, 5, 5, 1)
-    a = 1 * 12 * 2 * 5 + 5 * 8 * 2 * 5 + 5 * 6 * 2 * 1
-    b = 1 * 2 * 12 * 5 + 5 * 2 * 8 * 5 + 5 * 2 * 6 * 1
+    # no shape of the authors' for width 576: automatic modes 576 -> [12, 8, 6], 8 -> [8]; TT rank 5
+    a = 1 * 12 * 5 + 5 * 8 * 5 + 5 * 6 * 5 + 5 * 8 * 1  # A: [12, 8, 6, 8]
+    b = 1 * 8 * 5 + 5 * 12 * 5 + 5 * 8 * 5 + 5 * 6 * 1  # B: [8, 12, 8, 6]
     assert pm.count_trainable(rep)["trainable"] == a + b
     with torch.no_grad():
         assert torch.equal(rep(input_ids=ids).logits, want)

@@ -24,26 +24,51 @@ def logits(model):
         return model(input_ids=IDS).logits
 
 
-@pytest.mark.parametrize("config", [{"method": "lora", "r": 4, "targets": ["attention", "mlp"]}, {"method": "ia3"}],
-                         ids=["lora", "ia3"])
+HF_CONFIGS = [{"method": "lora", "r": 4, "targets": ["attention", "mlp"]}, {"method": "ia3"},
+              {"method": "dora", "r": 4}, {"method": "rslora", "r": 4}, {"method": "vera", "r": 8},
+              {"method": "prefix_tuning", "n_virtual": 3}]
+
+
+@pytest.mark.parametrize("config", HF_CONFIGS, ids=[c["method"] for c in HF_CONFIGS])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_lora_and_ia3_load_with_hf_peft(config, family, tmp_path):
+def test_hf_methods_load_with_hf_peft(config, family, tmp_path):
     model = trained(config, family)
-    pm.save_peft(model, tmp_path)
+    pm.save_peft(model, tmp_path, base_model="example-org/tiny-" + family)
     assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+    hf_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert hf_config["task_type"] == "CAUSAL_LM"
+    assert hf_config["base_model_name_or_path"] == "example-org/tiny-" + family
     hf = PeftModel.from_pretrained(build_tiny_lm(family), str(tmp_path))
     assert torch.equal(logits(hf), logits(model))
     assert json.loads((tmp_path / "peft_method.json").read_text())["method"] == config["method"]
+    assert torch.equal(logits(pm.load_peft(build_tiny_lm(family), tmp_path)), logits(model))
 
 
-@pytest.mark.parametrize("method", ["loretta_rep", "loretta_adp", "adapter"])
+def test_auto_peft_model_loads_a_reachable_base(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    build_tiny_lm("llama").save_pretrained(tmp_path / "base")
+    model = pm.apply_peft(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), {"method": "lora", "r": 4})
+    with torch.no_grad():
+        for _, param, _ in pm.owned_parameters(model):
+            param.add_(0.1 * torch.randn_like(param))
+    pm.save_peft(model, tmp_path / "adapter")  # the base id defaults to the name the base was loaded by
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(tmp_path / "base")
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"))
+    assert torch.equal(logits(auto), logits(model))
+
+
+@pytest.mark.parametrize("method", ["loretta_rep", "loretta_adp", "adapter", "prompt_tuning", "bitfit"])
 def test_our_checkpoints_are_not_mistaken_for_hf_adapters(method, tmp_path):
-    pm.save_peft(trained({"method": method}), tmp_path)
+    family = "gpt2" if method == "bitfit" else "llama"
+    pm.save_peft(trained({"method": method}, family), tmp_path)
     with pytest.raises(ValueError):
-        PeftModel.from_pretrained(build_tiny_lm("llama"), str(tmp_path))
+        PeftModel.from_pretrained(build_tiny_lm(family), str(tmp_path))
     with pytest.raises(ValueError, match="not the 'lora'"):
-        pm.load_peft(build_tiny_lm("llama"), tmp_path, method="lora")
-    assert pm.load_peft(build_tiny_lm("llama"), tmp_path, method=method) is not None
+        pm.load_peft(build_tiny_lm(family), tmp_path, method="lora")
+    assert pm.load_peft(build_tiny_lm(family), tmp_path, method=method) is not None
 
 
 @pytest.mark.parametrize("config", [{"method": "lora"}, {"method": "loretta_rep"}, {"method": "ptuning"},

@@ -8,7 +8,9 @@ import peft_methods as pm
 retro = pytest.importorskip("retro")
 
 M, K, R = 4, 2, 8
-ZERO_INIT = ("lora", "ia3", "adapter", "loretta_adp", "loretta_rep", "full")
+ZERO_INIT = ("lora", "dora", "rslora", "vera", "ia3", "adapter", "loretta_adp", "loretta_rep", "bitfit", "full")
+# Combinations a method refuses, with the reason it gives (tested below); every other one must work.
+REFUSED = {("bitfit", "llama"): "no bias parameters", ("prefix_tuning", "retro"): "not available on RETRO"}
 
 
 def method_config(method: str, kind: str) -> dict:
@@ -16,11 +18,17 @@ def method_config(method: str, kind: str) -> dict:
     on_retro = kind == "retro"
     configs = {
         "lora": {"r": 4, "targets": ["attention", "mlp"] + (["cca", "retro_encoder"] if on_retro else [])},
+        "dora": {"r": 4, "targets": ["attention", "mlp"] + (["cca"] if on_retro else [])},
+        "rslora": {"r": 4, "targets": ["attention_qv", "mlp"]},
+        "vera": {"r": 8, "targets": ["attention"] + (["cca"] if on_retro else [])},
         "ia3": {"targets": ["attention", "mlp_out"] + (["cca"] if on_retro else [])},
         "ptuning": {"n_virtual": 3, "encoder_hidden": 16},
+        "prompt_tuning": {"n_virtual": 3},
+        "prefix_tuning": {"n_virtual": 3},
         "adapter": {"bottleneck": 8, "blocks": ["decoder"] + (["retro_encoder"] if on_retro else [])},
-        "loretta_adp": {"bottleneck": 8, "tt_rank": 3},
+        "loretta_adp": {"bottleneck": 8, "tt_rank": 3, "blocks": ["decoder"] + (["retro_encoder"] if on_retro else [])},
         "loretta_rep": {"r": 4, "tt_rank": 3, "targets": ["attention", "mlp"] + (["cca"] if on_retro else [])},
+        "bitfit": {"train_norms": True},
         "full": {},
     }
     return {"method": method, **configs[method]}
@@ -57,7 +65,8 @@ def perturb(model, seed: int = 1) -> None:
             param.add_(0.1 * torch.randn(param.shape, generator=g))
 
 
-CASES = [(m, k, f) for m in pm.known_methods() for k in ("gpt", "retro") for f in TINY_FAMILIES]
+CASES = [(m, k, f) for m in pm.known_methods() for k in ("gpt", "retro") for f in TINY_FAMILIES
+         if (m, k) not in REFUSED and (m, f) not in REFUSED]
 IDS = [f"{m}-{k}-{f}" for m, k, f in CASES]
 
 
@@ -102,7 +111,7 @@ def test_save_load_round_trip(method, kind, family, tmp_path):
     assert torch.equal(logits(loaded, inputs), want)
 
 
-MERGEABLE = [c for c in CASES if c[0] in ("lora", "ia3", "loretta_rep")]
+MERGEABLE = [c for c in CASES if c[0] in ("lora", "dora", "rslora", "vera", "ia3", "loretta_rep")]
 
 
 @pytest.mark.parametrize("method,kind,family", MERGEABLE, ids=[f"{m}-{k}-{f}" for m, k, f in MERGEABLE])
@@ -143,3 +152,46 @@ def test_deep_copies_are_independent(method):
     assert torch.equal(logits(model, inputs), want)
     assert not torch.equal(logits(twin, inputs), want)
     assert pm.count_trainable(twin) == pm.count_trainable(model)
+
+
+@pytest.mark.parametrize("method,where", sorted(REFUSED), ids=[f"{m}-{w}" for m, w in sorted(REFUSED)])
+def test_refusals_say_why(method, where):
+    kind, family = ("retro", "gpt2") if where == "retro" else ("gpt", where)
+    with pytest.raises(ValueError, match=REFUSED[(method, where)]):
+        pm.apply_peft(build_base(kind, family), method_config(method, kind))
+
+
+@pytest.mark.parametrize("method", ["lora", "loretta_adp", "ptuning"])
+def test_retro_survives_deepcopy_and_pickle(method, tmp_path):
+    import copy
+
+    inputs = batch("retro")
+    model = pm.apply_peft(build_base("retro", "llama"), method_config(method, "retro"))
+    perturb(model)
+    with torch.no_grad():
+        for p in model.retro_parameters() if hasattr(model, "retro_parameters") else model.model.retro_parameters():
+            p.add_(0.05 * torch.randn_like(p))  # make retrieval visible in the logits
+    want = logits(model, inputs)
+    closed_book = logits(model, {k: v for k, v in inputs.items() if k != "neighbours"})
+    assert not torch.equal(want, closed_book)
+    twin = copy.deepcopy(model)
+    assert torch.equal(logits(twin, inputs), want)  # retrieval still reaches the copy
+    retro_of = (lambda m: m if hasattr(m, "set_gates") else m.model)
+    retro_of(twin).set_gates(0.0)  # the copy's gates are its own: the original is untouched
+    assert torch.equal(logits(model, inputs), want)
+    assert not torch.equal(logits(twin, inputs), want)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert torch.equal(logits(loaded, inputs), want)
+
+
+def test_norm_training_is_one_rule():
+    # every method accepts train_norms and counts the norms of its selected layers as 'norm' (llama: 2 x 32 a layer)
+    for method in ("lora", "ia3", "loretta_rep", "loretta_adp", "ptuning", "vera"):
+        counts = pm.count_trainable(pm.apply_peft(build_base("gpt", "llama"),
+                                                  {**method_config(method, "gpt"), "train_norms": True,
+                                                   **({"layers": [0, 1]} if method != "ptuning" else {})}))
+        assert counts["norm"] == (4 if method == "ptuning" else 2) * 64, method
+    # the default is each paper's: Houlsby adapters train their layers' norms, LoRA does not
+    assert pm.count_trainable(pm.apply_peft(build_base("gpt", "llama"), {"method": "adapter"}))["norm"] == 4 * 64
+    assert pm.count_trainable(pm.apply_peft(build_base("gpt", "llama"), {"method": "lora"}))["norm"] == 0

@@ -89,3 +89,40 @@ def test_cached_generation_matches_full_recompute(kind):
     full = retro.generate(model, ids, attention_mask=mask, max_new_tokens=2 * M, use_cache=False, **extra)
     assert cached.shape == (2, 2 * M)
     assert torch.equal(cached, full)
+
+
+@pytest.mark.parametrize("method", ["ptuning", "prompt_tuning"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_padded_virtual_slots_are_masked_on_retro(method, family):
+    ids, neighbours = inputs(seed=4)
+    config = {"method": method, "n_virtual": 3, **({"encoder_hidden": 16} if method == "ptuning" else {})}
+    model = pm.apply_peft(retro_model(family), config)
+    assert model.n_prefix == M and int(model.prefix_mask(ids, 1).sum()) == 3  # one pad slot, 3 real tokens
+    gpt = pm.apply_peft(build_tiny_lm(family), config)
+    assert gpt.n_prefix == 3 and int(gpt.prefix_mask(ids, 1).sum()) == 3  # GPT attends to the same 3
+
+    with torch.no_grad():
+        want = model(input_ids=ids, neighbours=neighbours).logits
+        clean = model.virtual_embeddings
+
+        def with_pad(fill):
+            def embeddings(batch):
+                out = clean(batch).clone()  # (B, P, D), pad slots first
+                out[:, :M - 3] = fill(out[:, :M - 3])
+                return out
+            return embeddings
+
+        for fill in (lambda pad: torch.randn_like(pad) * 10, lambda pad: torch.full_like(pad, 3.0)):
+            model.virtual_embeddings = with_pad(fill)
+            torch.testing.assert_close(model(input_ids=ids, neighbours=neighbours).logits, want, rtol=0, atol=1e-5)
+            mask = torch.ones_like(ids)
+            mask[1, :2] = 0  # with a left-padded row too
+            model.virtual_embeddings = clean
+            masked = model(input_ids=ids, neighbours=neighbours, attention_mask=mask).logits
+            model.virtual_embeddings = with_pad(fill)
+            torch.testing.assert_close(model(input_ids=ids, neighbours=neighbours, attention_mask=mask).logits,
+                                       masked, rtol=0, atol=1e-5)
+        # the real virtual tokens do matter
+        shift = torch.randn(1, M, 32, generator=torch.Generator().manual_seed(5))  # not constant: LayerNorm removes that
+        model.virtual_embeddings = lambda batch: clean(batch) + shift
+        assert not torch.allclose(model(input_ids=ids, neighbours=neighbours).logits, want, atol=1e-3)
