@@ -2,7 +2,8 @@
 
   chunks/       chunk database (see chunks.py)
   embeddings/   resumable shards of normalised chunk vectors (see embed.py)
-  index.faiss   the FAISS index over all chunk vectors
+  index.faiss   the FAISS index over all chunk vectors (+ index.ivfdata when its inverted lists live on disk)
+  bm25/         optional BM25 index over the same chunks (see lexical.py)
   build.json    the settings of a build in progress (a rerun with other settings is refused, not mixed)
   manifest.json written last and atomically; without it the directory is not an index
 
@@ -22,7 +23,9 @@ import faiss
 from .chunks import ChunkDB, chunk_documents, write_chunk_db
 from .corpus import Document, corpus_hash
 from .embed import default_devices, embed_chunk_db, load_embeddings
-from .index import IndexConfig, build_faiss_index
+from .encoders import document_encode_fn, is_default, resolve_encoding
+from .index import IndexConfig, build_faiss_index, plan_index
+from .lexical import LexicalConfig, build_lexical
 from .manifest import (FORMAT_VERSION, MANIFEST, IncompleteIndexError, check_or_record, embedder_dimension,
                        embedder_fingerprint, embedder_name, read_manifest, tokenizer_fingerprint, tokenizer_name,
                        write_json_atomic)
@@ -41,6 +44,10 @@ class BuildConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     devices: list[str] | None = None  # embedding worker devices; None: every GPU if more than one, else in-process
     overwrite: bool = False  # delete a finished index or a partial build with other settings first
+    lexical: LexicalConfig | None = None  # also build a BM25 index over the same chunks (bm25/)
+    query_prompt: str | None = None  # prepended to queries; None: the query encoder's own prompt ('' if none)
+    document_prompt: str | None = None  # prepended to chunks; None: the embedder's own document prompt
+    normalize: bool | None = None  # L2-normalise vectors; None: as the embedder's own config does
 
     def __post_init__(self):
         if self.chunk_size <= 0:
@@ -49,13 +56,17 @@ class BuildConfig:
             raise ValueError(f"batch_size and shard_size must be positive, got {self.batch_size}, {self.shard_size}")
         if isinstance(self.index, dict):
             self.index = IndexConfig(**self.index)
+        if isinstance(self.lexical, dict):
+            self.lexical = LexicalConfig(**self.lexical)
 
 
 def build_index(docs: Sequence[Document], directory: str | Path, *, tokenizer, embedder,
                 config: BuildConfig | None = None, tokenizer_alias: str | None = None,
-                embedder_alias: str | None = None, progress: bool = True) -> dict:
+                embedder_alias: str | None = None, progress: bool = True, query_embedder=None,
+                query_embedder_alias: str | None = None) -> dict:
     """Build (or resume) an index of `docs` in `directory`; returns the manifest. The aliases are the names the
-    CLI resolved (e.g. 'smollm2-135m'), recorded so `search`/`eval` can load the same models again."""
+    CLI resolved (e.g. 'smollm2-135m'), recorded so `search`/`eval` can load the same models again.
+    `query_embedder`: a separate query encoder (DPR, Dragon+); `embedder` then encodes the documents."""
     cfg = config or BuildConfig()
     d = Path(directory)
     if cfg.overwrite and d.exists():
@@ -74,6 +85,16 @@ def build_index(docs: Sequence[Document], directory: str | Path, *, tokenizer, e
                      "dimension": embedder_dimension(embedder)},
         "with_title": cfg.with_title, "shard_size": cfg.shard_size,
     }
+    encoding = resolve_encoding(embedder, query_embedder, query_prompt=cfg.query_prompt,
+                                document_prompt=cfg.document_prompt, normalize=cfg.normalize)
+    query_record = settings["embedder"] if query_embedder is None else {
+        "name": query_embedder_alias or embedder_name(query_embedder),
+        "fingerprint": embedder_fingerprint(query_embedder), "dimension": embedder_dimension(query_embedder)}
+    if query_record["dimension"] != settings["embedder"]["dimension"]:
+        raise ValueError(f"the query encoder gives {query_record['dimension']}-d vectors and the document encoder "
+                         f"{settings['embedder']['dimension']}-d; they must match")
+    if not is_default(encoding, query_embedder is not None):  # recorded only when it differs from older builds
+        settings["encoding"] = {**encoding.to_dict(), "query_encoder": query_record["fingerprint"]}
     check_or_record(d / "build.json", settings, BuildSettingsError,
                     "rerun with the original settings to resume, or pass --overwrite")
 
@@ -86,17 +107,35 @@ def build_index(docs: Sequence[Document], directory: str | Path, *, tokenizer, e
                    with_title=cfg.with_title, progress=progress,
                    devices=cfg.devices if cfg.devices is not None else default_devices(),
                    state={"embedder": settings["embedder"]["fingerprint"], "corpus_hash": settings["corpus_hash"],
-                          "tokenizer": settings["tokenizer"]["fingerprint"], "chunk_size": cfg.chunk_size})
-    vectors = load_embeddings(d / "embeddings", len(db))
-    index, factory, nprobe, recall = build_faiss_index(vectors, cfg.index, progress=progress)
-    tmp = d / "index.faiss.tmp"
-    faiss.write_index(index, str(tmp))
-    tmp.replace(d / "index.faiss")
+                          "tokenizer": settings["tokenizer"]["fingerprint"], "chunk_size": cfg.chunk_size,
+                          **({"encoding": settings["encoding"]} if "encoding" in settings else {})},
+                   encode=document_encode_fn(encoding))
+    plan = plan_index(len(db), settings["embedder"]["dimension"], cfg.index)
+    extra: dict = {}
+    if plan.on_disk:  # the vectors exceed the memory budget: never hold them all, keep the lists on disk
+        from .ondisk import build_ondisk_index
+
+        factory, nprobe, recall = build_ondisk_index(d, d / "embeddings", len(db), plan.factory, cfg.index,
+                                                     progress=progress, shard_size=cfg.shard_size)
+        extra.update(on_disk=True, refine=cfg.index.refine)
+        num_vectors = len(db)
+    else:
+        vectors = load_embeddings(d / "embeddings", len(db))
+        index, factory, nprobe, recall = build_faiss_index(vectors, cfg.index, progress=progress)
+        if factory.startswith("HNSW"):
+            extra["ef_search"] = int(faiss.downcast_index(index).hnsw.efSearch)
+        tmp = d / "index.faiss.tmp"
+        faiss.write_index(index, str(tmp))
+        tmp.replace(d / "index.faiss")
+        num_vectors = int(index.ntotal)
+    if cfg.lexical is not None:
+        extra["lexical"] = build_lexical(d, cfg.lexical, progress=progress)["params"]
 
     manifest = {
         "kind": "index", "format_version": FORMAT_VERSION, **settings,
         "factory": factory, "nprobe": nprobe, "tuned_recall_at_10": recall,
-        "num_chunks": len(db), "num_vectors": int(index.ntotal),
+        "num_chunks": len(db), "num_vectors": num_vectors,
+        "query_encoder": query_record, "encoding": encoding.to_dict(), **extra,
         "last_run_seconds": round(time.time() - started, 2),  # of the final run only, when a build was resumed
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
