@@ -111,7 +111,9 @@ def main(argv=None) -> int:
     p.add_argument("--budget-gb", type=float, default=4.0)
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--shard", type=int, default=100_000, help="vectors per embedding shard")
-    p.add_argument("--no-compare", action="store_true", help="skip HNSW vs IVF vs Flat at the first --n")
+    p.add_argument("--no-compare", action="store_true", help="skip HNSW vs IVF vs Flat")
+    p.add_argument("--compare-n", type=int, default=None, help="vectors for HNSW vs IVF vs Flat (default: the "
+                   "first --n)")
     p.add_argument("--workdir", default=None, help="where the shards go (default: a temporary folder)")
     p.add_argument("--tiny", action="store_true", help="20k x 32-d, 16 KB budget (smoke test)")
     args = p.parse_args(argv)
@@ -124,7 +126,9 @@ def main(argv=None) -> int:
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_index_scale_"))
     rows = []
     try:
-        for n in args.n:
+        compare_n = None if args.no_compare else (args.compare_n or args.n[0])
+        sizes = list(args.n) + ([compare_n] if compare_n and compare_n not in args.n else [])
+        for n in sizes:
             folder = root / f"n{n}"
             emb = folder / "embeddings"
             if not emb.exists():
@@ -132,9 +136,10 @@ def main(argv=None) -> int:
             queries = queries_like(args.queries, args.dim, args.data, centres, seed=2)
             _, exact = exact_knn(queries, emb, 10)
             cfg = IndexConfig(memory_budget_gb=args.budget_gb, flat_threshold=flat_threshold)
-            rows.append(measure(folder, emb, n, args.dim, cfg, queries, exact, args.shard, "planner"))
-            print(md_table(HEADERS, rows[-1:]), file=sys.stderr, flush=True)
-            if n == args.n[0] and not args.no_compare:
+            if n in args.n:
+                rows.append(measure(folder, emb, n, args.dim, cfg, queries, exact, args.shard, "planner"))
+                print(md_table(HEADERS, rows[-1:]), file=sys.stderr, flush=True)
+            if n == compare_n:
                 nlist = 2 ** round(np.log2(2 * np.sqrt(n)))
                 for label, factory in (("Flat", "Flat"), ("IVF", f"IVF{nlist},Flat"), ("HNSW", "HNSW32")):
                     c = IndexConfig(factory=factory, memory_budget_gb=1e6, flat_threshold=flat_threshold)

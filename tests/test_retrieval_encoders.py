@@ -164,3 +164,51 @@ def test_cross_encoder_reranks_first_stage(models, asymmetric, tmp_path):
     top3, _ = reranked.search_ids([query], 3)
     assert top3[0].tolist() == expected[:3].tolist()
     assert reranked.describe()["reranker"]["depth"] == 8
+
+
+def test_run_config_and_run_identity_follow_the_retriever(models, asymmetric):
+    from retrotune.config import ConfigError, RunConfig
+    from retrotune.pipeline import index_hash
+
+    assert RunConfig(retriever="hybrid").retriever == "hybrid" and RunConfig().retriever == "dense"
+    with pytest.raises(ConfigError, match="retriever 'sparse' is unknown"):
+        RunConfig(retriever="sparse")
+    root, tok, q, d = models
+    dense = Retriever.load(asymmetric, embedder=q)
+    bm25 = Retriever.load(asymmetric, retriever="bm25")
+    assert index_hash(dense) == index_hash(Retriever.load(asymmetric))  # dense: as before
+    assert index_hash(dense) != index_hash(bm25)  # a run trained on BM25 neighbours is refused with dense ones
+
+
+def test_cli_eval_one_table_over_datasets_and_retrievers(models, tmp_path, capsys):
+    from retrieval.__main__ import main
+    from retrieval.evaluation import evaluate_beir
+
+    root, tok, q, d = models
+    folders = []
+    for name, ids, queries in (("one", "jbv", {"q1": ("which planet is largest", "j"),
+                                               "q2": ("yeast bread oven", "b")}),
+                               ("two", "ptv", {"q1": ("what causes the tides", "t"),
+                                               "q2": ("lava and ash", "v")})):
+        f = tmp_path / name
+        (f / "qrels").mkdir(parents=True)
+        (f / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": TEXTS[i][0], "text": TEXTS[i][1]})
+                                                + "\n" for i in ids))
+        (f / "queries.jsonl").write_text("".join(json.dumps({"_id": qid, "text": t}) + "\n"
+                                                 for qid, (t, _) in queries.items()))
+        (f / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+            f"{qid}\t{doc}\t1\n" for qid, (_, doc) in queries.items()))
+        assert main(["build", "--corpus", str(f), "--out", str(f / "index"), "--tokenizer", str(root / "tok"),
+                     "--embedder", str(root / "doc" / "st"), "--chunk-size", "6", "--retriever", "hybrid"]) == 0
+        folders.append(f)
+    capsys.readouterr()
+    assert main(["eval", "--index", *(str(f / "index") for f in folders), "--beir", *map(str, folders),
+                 "--split", "test", "--k", "3", "--retriever", "dense", "bm25", "hybrid", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["dataset"], r["retriever"]) for r in rows] == [(n, k) for n in ("one", "two")
+                                                             for k in ("dense", "bm25", "hybrid")]
+    direct = evaluate_beir(Retriever.load(folders[1] / "index", retriever="bm25"), folders[1], split="test", k=3,
+                           progress=False)
+    assert rows[4]["nDCG@10"] == direct["nDCG@10"] and rows[4]["recall@3"] == direct["recall@3"]
+    with pytest.raises(SystemExit, match="one index per dataset"):
+        main(["eval", "--index", str(folders[0] / "index"), "--beir", *map(str, folders)])

@@ -90,14 +90,13 @@ def test_ondisk_build_resumes_after_an_interruption(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         build_ondisk_index(tmp_path, tmp_path / "embeddings", N, "IVF16,PQ4", cfg, progress=False)
     assert written == ["trained.index", "part_00000.index"] and not (tmp_path / "index.faiss").exists()
+    with pytest.raises(ondisk.OnDiskBuildError, match="other settings"):  # unfinished work is never mixed
+        build_ondisk_index(tmp_path, tmp_path / "embeddings", N, "IVF32,PQ4", cfg, progress=False)
     written.clear()
     monkeypatch.setattr(ondisk, "_write_index_atomic", lambda i, p: (written.append(p.name), real(i, p)))
     build_ondisk_index(tmp_path, tmp_path / "embeddings", N, "IVF16,PQ4", cfg, progress=False)
     assert written == ["part_00001.index", "part_00002.index", "index.faiss"]  # training and part 0 reused
-    assert load_ondisk(tmp_path).ntotal == N
-    with pytest.raises(ondisk.OnDiskBuildError, match="other settings"):
-        (tmp_path / "index.faiss").unlink()
-        build_ondisk_index(tmp_path, tmp_path / "embeddings", N, "IVF32,PQ4", cfg, progress=False)
+    assert load_ondisk(tmp_path).ntotal == N and not (tmp_path / "ivf_parts").exists()
 
 
 def test_auto_choice_takes_hnsw_when_its_graph_is_cheap_enough(monkeypatch):
