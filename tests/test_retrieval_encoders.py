@@ -91,7 +91,7 @@ def test_asymmetric_index_uses_both_encoders_and_prompts(models, asymmetric):
     qv = r.encode(["which planet is largest"])
     np.testing.assert_allclose(qv, q.encode(["query: which planet is largest"]), atol=1e-5)  # query side
 
-    scores, ids = r.search_ids(["which planet is largest"], 3)
+    ids, scores = r.search_ids(["which planet is largest"], 3)
     ref = (stored @ qv[0])
     assert ids[0].tolist() == np.argsort(-ref, kind="stable")[:3].tolist()
     np.testing.assert_allclose(scores[0], np.sort(ref)[::-1][:3], rtol=1e-4)
