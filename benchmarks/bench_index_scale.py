@@ -115,11 +115,11 @@ def main(argv=None) -> int:
     p.add_argument("--compare-n", type=int, default=None, help="vectors for HNSW vs IVF vs Flat (default: the "
                    "first --n)")
     p.add_argument("--workdir", default=None, help="where the shards go (default: a temporary folder)")
-    p.add_argument("--tiny", action="store_true", help="20k x 32-d, 16 KB budget (smoke test)")
+    p.add_argument("--tiny", action="store_true", help="5k x 16-d, 16 KiB budget (smoke test)")
     args = p.parse_args(argv)
     flat_threshold = 100_000
     if args.tiny:
-        args.n, args.dim, args.budget_gb, args.queries, args.shard = [20_000], 32, 2 ** -16, 50, 5_000
+        args.n, args.dim, args.budget_gb, args.queries, args.shard = [5_000], 16, 2 ** -16, 20, 1_000
         flat_threshold = 1_000
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((4096 if not args.tiny else 64, args.dim), dtype=np.float32) / np.sqrt(args.dim)

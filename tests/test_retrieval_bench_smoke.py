@@ -43,7 +43,7 @@ def test_bench_index_scale_tiny(capsys):
     header, *table = rows(capsys.readouterr().out)
     results = {r[0]: dict(zip(header, r)) for r in table}
     assert set(results) == {"planner", "Flat", "IVF", "HNSW"}
-    assert results["planner"]["factory"].endswith("(on disk)")  # 2.4 MiB of vectors over a 16 KiB budget
+    assert results["planner"]["factory"].endswith("(on disk)")  # 312 KiB of vectors over a 16 KiB budget
     assert float(results["Flat"]["recall@10"]) == 1.0
     for r in results.values():
         assert 0.0 <= float(r["recall@10"]) <= 1.0 if r["recall@10"] != "-" else r["index"] == "HNSW"
