@@ -92,9 +92,9 @@ def test_asymmetric_index_uses_both_encoders_and_prompts(models, asymmetric):
     np.testing.assert_allclose(qv, q.encode(["query: which planet is largest"]), atol=1e-5)  # query side
 
     ids, scores = r.search_ids(["which planet is largest"], 3)
-    ref = (stored @ qv[0])
-    assert ids[0].tolist() == np.argsort(-ref, kind="stable")[:3].tolist()
-    np.testing.assert_allclose(scores[0], np.sort(ref)[::-1][:3], rtol=1e-4)
+    ref = (stored @ qv[0])  # the tiny random encoders score some chunks within float noise of each other
+    np.testing.assert_allclose(scores[0], np.sort(ref)[::-1][:3], rtol=1e-4)  # the top three scores ...
+    np.testing.assert_allclose(ref[ids[0]], scores[0], rtol=1e-4)  # ... of the chunks returned
 
 
 def test_mismatched_query_encoder_is_refused(models, asymmetric, tmp_path):
