@@ -2,7 +2,10 @@
 
     python -m retrieval build --corpus data/my_corpus.jsonl --name mycorpus
     python -m retrieval search --index mycorpus "what causes tides?"
+    python -m retrieval search --index mycorpus --retriever hybrid --rerank cross-encoder/ms-marco-MiniLM-L-6-v2 "..."
     python -m retrieval eval --index scifact --beir /path/to/scifact --split train
+    python -m retrieval eval --index scifact nfc --beir /data/scifact /data/nfcorpus --retriever dense bm25 hybrid
+    python -m retrieval lexical --index mycorpus          # add a BM25 index to a finished index
     python -m retrieval eval --index squad --qa /path/to/questions.jsonl
     python -m retrieval neighbours --index mycorpus --input train.jsonl --out data/train_neighbours
 """
@@ -62,24 +65,51 @@ def index_dir(name_or_path: str) -> Path:
     return p if p.exists() or p.parent != Path(".") else INDEX_ROOT / name_or_path
 
 
-def open_retriever(args, need_tokenizer: bool = False):
+def load_encoder(name: str, device: str | None = None, pooling: str | None = None):
+    """A sentence-transformers model by alias or path, with its pooling replaced when `pooling` is given."""
+    model = load_embedder(name, device=device)
+    if pooling:
+        from retrieval.encoders import set_pooling
+
+        set_pooling(model, pooling)
+    return model
+
+
+def fusion_config(args):
+    from retrieval.fusion import FusionConfig, parse_weights
+
+    return FusionConfig(method=args.fusion, weights=parse_weights(args.fusion_weights), rrf_k=args.rrf_k,
+                        normalisation=args.fusion_normalisation, depth=args.fusion_depth)
+
+
+def open_retriever(args, need_tokenizer: bool = False, index: str | None = None, kind: str | None = None):
     from retrieval import Retriever
     from retrieval.manifest import read_manifest, verify_directory
+    from retrieval.rerank import RerankConfig
+    from retrieval.retriever import query_encoder_record
 
-    d = index_dir(args.index)
+    d = index_dir(index or args.index)
+    kind = kind or getattr(args, "retriever", None) or "dense"
     man = read_manifest(d)
-    verify = True if args.verify else "auto"
+    verify = True if getattr(args, "verify", False) else "auto"
     verify_directory(d, man, verify)  # before seconds of model loading
-    embedder = load_embedder(args.embedder or man["embedder"]["name"], device=getattr(args, "device", None))
+    embedder = None
+    if kind != "bm25":
+        embedder = load_encoder(getattr(args, "query_embedder", None) or args.embedder or
+                                query_encoder_record(man)["name"], device=getattr(args, "device", None),
+                                pooling=getattr(args, "pooling", None))
     tokenizer = load_tokenizer(args.tokenizer or man["tokenizer"]["name"]) if (need_tokenizer or args.tokenizer) \
         else None
+    reranker = RerankConfig(args.rerank, depth=args.rerank_depth) if getattr(args, "rerank", None) else None
     return Retriever.load(d, tokenizer=tokenizer, embedder=embedder, chunk_size=args.chunk_size, nprobe=args.nprobe,
+                          retriever=kind, fusion=fusion_config(args), reranker=reranker,
                           verify=False)  # checked above
 
 
 # ---- commands
 def cmd_build(args) -> int:
     from retrieval import BuildConfig, BuildSettingsError, CorpusSpec, IndexConfig, build_index, load_corpus
+    from retrieval.lexical import LexicalConfig
 
     out = Path(args.out) if args.out else INDEX_ROOT / args.name
     spec = CorpusSpec(args.corpus, args.format, args.id_field, args.title_field or None, args.text_field,
@@ -93,13 +123,20 @@ def cmd_build(args) -> int:
                           with_title=not args.no_title, overwrite=args.overwrite, wait_for_lock=args.wait,
                           devices=args.devices.split(",") if args.devices else None,
                           index=IndexConfig(factory=args.factory, nprobe=args.nprobe,
-                                            memory_budget_gb=args.memory_budget_gb,
-                                            flat_threshold=args.flat_threshold))
+                                            memory_budget_gb=args.memory_budget_gb, flat_threshold=args.flat_threshold,
+                                            on_disk={"auto": None, "yes": True, "no": False}[args.on_disk],
+                                            opq=args.opq),
+                          lexical=LexicalConfig(k1=args.bm25_k1, b=args.bm25_b, with_title=not args.no_title)
+                          if args.retriever in ("bm25", "hybrid") else None,
+                          query_prompt=args.query_prompt, document_prompt=args.document_prompt,
+                          normalize={"auto": None, "yes": True, "no": False}[args.normalize])
     except ValueError as e:
         raise BuildSettingsError(f"build flags: {e}") from None
     manifest = build_index(docs, out, tokenizer=load_tokenizer(args.tokenizer),
-                           embedder=load_embedder(args.embedder, device=args.device), config=cfg,
-                           tokenizer_alias=args.tokenizer, embedder_alias=args.embedder, source=args.corpus)
+                           embedder=load_encoder(args.embedder, device=args.device, pooling=args.pooling),
+                           config=cfg, tokenizer_alias=args.tokenizer, embedder_alias=args.embedder, source=args.corpus,
+                           query_embedder=load_encoder(args.query_embedder, device=args.device, pooling=args.pooling)
+                           if args.query_embedder else None, query_embedder_alias=args.query_embedder)
     print(json.dumps({k: manifest[k] for k in ("num_documents", "num_chunks", "factory", "nprobe",
                                                "tuned_recall_at_10", "last_run_seconds")}, indent=2))
     print(f"index written to {out}", file=sys.stderr)
@@ -127,6 +164,10 @@ def cmd_search(args) -> int:
 def cmd_eval(args) -> int:
     from retrieval import evaluate_beir, evaluate_qa
 
+    if len(args.index) > 1 or len(args.retriever) > 1 or (args.beir and len(args.beir) > 1):
+        return eval_table(args)
+    args.index, args.retriever = args.index[0], args.retriever[0]
+    args.beir = args.beir[0] if args.beir else None
     retriever = open_retriever(args)
     if args.beir:
         result = evaluate_beir(retriever, args.beir, split=args.split, k=args.k, chunk_depth=args.chunk_depth,
@@ -141,6 +182,47 @@ def cmd_eval(args) -> int:
         print("| " + " | ".join(result) + " |")
         print("|" + "---|" * len(result))
         print("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in result.values()) + " |")
+    return 0
+
+
+def eval_table(args) -> int:
+    """Several BEIR datasets (each with its index) x several retrievers -> one table."""
+    from retrieval import evaluate_beir
+
+    if not args.beir:
+        raise SystemExit("error: several --index or --retriever values need --beir (one folder per index)")
+    if len(args.index) != len(args.beir):
+        raise SystemExit(f"error: {len(args.index)} --index values for {len(args.beir)} --beir folders; give one "
+                         f"index per dataset, in the same order")
+    rows = []
+    for index, beir in zip(args.index, args.beir):
+        for kind in args.retriever:
+            retriever = open_retriever(args, index=index, kind=kind)
+            result = evaluate_beir(retriever, beir, split=args.split, k=args.k, chunk_depth=args.chunk_depth,
+                                   limit=args.limit)
+            name = kind + (f"+rerank({args.rerank})" if args.rerank else "")
+            rows.append({"dataset": Path(beir).name, "retriever": name, **result})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    cols = list(rows[0])
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for row in rows:
+        print("| " + " | ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")
+    return 0
+
+
+def cmd_lexical(args) -> int:
+    from retrieval.lexical import LexicalConfig, build_lexical
+    from retrieval.manifest import read_manifest
+
+    d = index_dir(args.index)
+    read_manifest(d)  # only a finished index: its chunk database is complete
+    man = build_lexical(d, LexicalConfig(k1=args.k1, b=args.b, with_title=not args.no_title),
+                        overwrite=args.overwrite)
+    print(json.dumps({"params": man["params"], "num_chunks": man["num_chunks"], "vocabulary": man["vocabulary"]},
+                     indent=2))
     return 0
 
 
@@ -211,6 +293,23 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="delete an existing index or partial build first")
     b.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="while another build of the same "
                    "directory runs, wait this long for it (-1: as long as it takes) instead of stopping")
+    b.add_argument("--retriever", default="dense", choices=["dense", "bm25", "hybrid"],
+                   help="bm25 or hybrid also builds a BM25 index over the same chunks (bm25/)")
+    b.add_argument("--bm25-k1", type=float, default=1.2, help="BM25 k1")
+    b.add_argument("--bm25-b", type=float, default=0.75, help="BM25 b")
+    b.add_argument("--query-embedder", default=None, help="separate query encoder (DPR, Dragon+): alias or path; "
+                   "--embedder then encodes the documents")
+    b.add_argument("--query-prompt", default=None, help="text prepended to queries (E5: 'query: '); default: the "
+                   "query encoder's own prompt")
+    b.add_argument("--document-prompt", default=None, help="text prepended to chunks (E5: 'passage: '); default: "
+                   "the embedder's own document prompt")
+    b.add_argument("--normalize", default="auto", choices=["auto", "yes", "no"], help="L2-normalise vectors (auto: "
+                   "as the embedder's sentence-transformers config does)")
+    b.add_argument("--pooling", default=None, help="replace the encoders' pooling, e.g. cls for DPR (default: "
+                   "the model's own)")
+    b.add_argument("--on-disk", default="auto", choices=["auto", "yes", "no"], help="IVF-PQ with inverted lists "
+                   "on disk (auto: when the vectors exceed --memory-budget-gb)")
+    b.add_argument("--opq", action="store_true", help="on-disk index: OPQ rotation before PQ")
     b.set_defaults(func=cmd_build)
 
     def query_side(sp):
@@ -223,9 +322,24 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--verify", action="store_true", help="check the checksum of every file of the index "
                         "(by default: files up to 1 GiB at every load, bigger ones once after they change; sizes "
                         "and counts always)")
+        sp.add_argument("--pooling", default=None, help="replace the query encoder's pooling (must match the index)")
+        sp.add_argument("--fusion", default="rrf", choices=["rrf", "score"], help="hybrid: reciprocal-rank fusion "
+                        "or normalised score combination")
+        sp.add_argument("--fusion-weights", default="dense=1,bm25=1", help="hybrid: weight of each retriever")
+        sp.add_argument("--rrf-k", type=int, default=60, help="hybrid rrf: rank offset")
+        sp.add_argument("--fusion-normalisation", default="minmax", choices=["minmax", "zscore"],
+                        help="hybrid score: per-query normalisation")
+        sp.add_argument("--fusion-depth", type=int, default=100, help="hybrid: candidates from each retriever")
+        sp.add_argument("--rerank", default=None, help="cross-encoder (HF id or path) that reorders the top "
+                        "--rerank-depth chunks")
+        sp.add_argument("--rerank-depth", type=int, default=100, help="chunks reranked per query")
+
+    kinds = ["dense", "bm25", "hybrid"]
 
     s = sub.add_parser("search", help="print the top-k chunks for one or more queries", formatter_class=fmt)
     query_side(s)
+    s.add_argument("--retriever", default="dense", choices=kinds, help="dense, bm25 or hybrid (the index needs "
+                   "bm25/ for the last two)")
     s.add_argument("queries", nargs="+", help="query texts")
     s.add_argument("--k", type=int, default=5)
     s.set_defaults(func=cmd_search)
@@ -234,8 +348,12 @@ def parser() -> argparse.ArgumentParser:
                        description="Evaluate an index: --beir for nDCG@10/recall@k/MRR@10 against qrels (documents "
                        "score their best chunk), or --qa for gold-passage and answer-string recall@k.")
     query_side(e)
+    e._option_string_actions["--index"].nargs = "+"
+    e._option_string_actions["--index"].help = "index directory or NAME; several, one per --beir folder"
+    e.add_argument("--retriever", nargs="+", default=["dense"], choices=kinds, help="one or more of dense, bm25, "
+                   "hybrid: one table row per dataset and retriever")
     src = e.add_mutually_exclusive_group(required=True)
-    src.add_argument("--beir", help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv "
+    src.add_argument("--beir", nargs="+", help="BEIR folder(s): corpus.jsonl, queries.jsonl, qrels/<split>.tsv "
                      "(prints nDCG@10, recall@k, MRR@10)")
     src.add_argument("--qa", help="QA JSONL with a question, its answers and its gold passage id(s) (prints "
                      "passage recall@k: a gold passage among the top-k distinct documents, the chunks of one "
@@ -256,6 +374,7 @@ def parser() -> argparse.ArgumentParser:
     n = sub.add_parser("neighbours", help="precompute neighbours of a JSONL dataset into memmaps for training",
                        formatter_class=fmt)
     query_side(n)
+    n.add_argument("--retriever", default="dense", choices=kinds, help="first stage that finds the neighbours")
     n.add_argument("--input", required=True, help="JSONL dataset")
     n.add_argument("--field", default="text", help="field whose text retrieves")
     n.add_argument("--out", required=True, help="output directory")
@@ -263,6 +382,14 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--per-example", action="store_true", help="one query per example instead of one per chunk")
     n.add_argument("--exclude-field", default=None, help="field naming the corpus document to exclude (leakage)")
     n.set_defaults(func=cmd_neighbours)
+
+    lx = sub.add_parser("lexical", help="add a BM25 index over the chunks of a finished index", formatter_class=fmt)
+    lx.add_argument("--index", required=True, help="index directory, or NAME for indexes/NAME")
+    lx.add_argument("--k1", type=float, default=1.2)
+    lx.add_argument("--b", type=float, default=0.75)
+    lx.add_argument("--no-title", action="store_true", help="index chunk text only, without the document title")
+    lx.add_argument("--overwrite", action="store_true", help="replace a BM25 index built with other settings")
+    lx.set_defaults(func=cmd_lexical)
 
     i = sub.add_parser("info", help="print an index's manifest (and check its files with --verify)")
     i.add_argument("--index", required=True)

@@ -2,7 +2,8 @@
 
   chunks/       chunk database (see chunks.py)
   embeddings/   resumable shards of normalised chunk vectors (see embed.py)
-  index.faiss   the FAISS index over all chunk vectors
+  index.faiss   the FAISS index over all chunk vectors (+ index.ivfdata when its inverted lists live on disk)
+  bm25/         optional BM25 index over the same chunks (see lexical.py)
   build.json    the settings of a build in progress (a rerun with other settings is refused, not mixed)
   manifest.json written last and atomically; without it the directory is not an index. It records the size and
                 checksum of every other file (see integrity.py), checked when the index is opened.
@@ -27,8 +28,10 @@ import faiss
 from .chunks import ChunkDB, chunk_documents, write_chunk_db
 from .corpus import CorpusError, Document, corpus_hash
 from .embed import default_devices, embed_chunk_db, load_embeddings
-from .index import IndexConfig, build_faiss_index
+from .encoders import document_encode_fn, is_default, resolve_encoding
+from .index import IndexConfig, build_faiss_index, plan_index
 from .integrity import files_under, stamp_verified
+from .lexical import LexicalConfig, build_lexical
 from .manifest import (FORMAT_VERSION, MANIFEST, IncompleteIndexError, check_or_record, embedder_dimension,
                        embedder_fingerprint, embedder_name, read_manifest, tokenizer_fingerprint, tokenizer_name,
                        write_manifest)
@@ -86,6 +89,10 @@ class BuildConfig:
     devices: list[str] | None = None  # embedding worker devices; None: every GPU if more than one, else in-process
     overwrite: bool = False  # delete a finished index or a partial build with other settings first
     wait_for_lock: float = 0.0  # seconds to wait while another build holds the directory (< 0: forever)
+    lexical: LexicalConfig | None = None  # also build a BM25 index over the same chunks (bm25/)
+    query_prompt: str | None = None  # prepended to queries; None: the query encoder's own prompt ('' if none)
+    document_prompt: str | None = None  # prepended to chunks; None: the embedder's own document prompt
+    normalize: bool | None = None  # L2-normalise vectors; None: as the embedder's own config does
 
     def __post_init__(self):
         if self.chunk_size <= 0:
@@ -94,22 +101,26 @@ class BuildConfig:
             raise ValueError(f"batch_size and shard_size must be positive, got {self.batch_size}, {self.shard_size}")
         if isinstance(self.index, dict):
             self.index = IndexConfig(**self.index)
+        if isinstance(self.lexical, dict):
+            self.lexical = LexicalConfig(**self.lexical)
 
 
 def build_index(docs: Sequence[Document], directory: str | Path, *, tokenizer, embedder,
                 config: BuildConfig | None = None, tokenizer_alias: str | None = None,
-                embedder_alias: str | None = None, progress: bool = True, source: str | None = None) -> dict:
+                embedder_alias: str | None = None, progress: bool = True, source: str | None = None,
+                query_embedder=None, query_embedder_alias: str | None = None) -> dict:
     """Build (or resume) an index of `docs` in `directory`; returns the manifest. The aliases are the names the
     CLI resolved (e.g. 'smollm2-135m'), recorded so `search`/`eval` can load the same models again; `source` (the
-    corpus path) is recorded to name the rebuild command in error messages."""
+    corpus path) is recorded to name the rebuild command in error messages. `query_embedder`: a separate query
+    encoder (DPR, Dragon+); `embedder` then encodes the documents."""
     cfg = config or BuildConfig()
     with build_lock(directory, cfg.wait_for_lock):
         return _build_locked(docs, Path(directory), tokenizer, embedder, cfg, tokenizer_alias, embedder_alias,
-                             progress, source)
+                             progress, source, query_embedder, query_embedder_alias)
 
 
 def _build_locked(docs, d: Path, tokenizer, embedder, cfg: BuildConfig, tokenizer_alias, embedder_alias, progress,
-                  source) -> dict:
+                  source, query_embedder=None, query_embedder_alias=None) -> dict:
     if cfg.overwrite and d.exists():
         shutil.rmtree(d)
     if (d / MANIFEST).exists():
@@ -126,6 +137,16 @@ def _build_locked(docs, d: Path, tokenizer, embedder, cfg: BuildConfig, tokenize
                      "dimension": embedder_dimension(embedder)},
         "with_title": cfg.with_title, "shard_size": cfg.shard_size,
     }
+    encoding = resolve_encoding(embedder, query_embedder, query_prompt=cfg.query_prompt,
+                                document_prompt=cfg.document_prompt, normalize=cfg.normalize)
+    query_record = settings["embedder"] if query_embedder is None else {
+        "name": query_embedder_alias or embedder_name(query_embedder),
+        "fingerprint": embedder_fingerprint(query_embedder), "dimension": embedder_dimension(query_embedder)}
+    if query_record["dimension"] != settings["embedder"]["dimension"]:
+        raise ValueError(f"the query encoder gives {query_record['dimension']}-d vectors and the document encoder "
+                         f"{settings['embedder']['dimension']}-d; they must match")
+    if not is_default(encoding, query_embedder is not None):  # recorded only when it differs from older builds
+        settings["encoding"] = {**encoding.to_dict(), "query_encoder": query_record["fingerprint"]}
     records = None
     if not (d / "chunks" / "info.json").exists():
         # chunk before anything is written: a corpus that yields no chunk leaves no folder behind
@@ -143,17 +164,35 @@ def _build_locked(docs, d: Path, tokenizer, embedder, cfg: BuildConfig, tokenize
                    with_title=cfg.with_title, progress=progress,
                    devices=cfg.devices if cfg.devices is not None else default_devices(),
                    state={"embedder": settings["embedder"]["fingerprint"], "corpus_hash": settings["corpus_hash"],
-                          "tokenizer": settings["tokenizer"]["fingerprint"], "chunk_size": cfg.chunk_size})
-    vectors = load_embeddings(d / "embeddings", len(db), cfg.shard_size)
-    index, factory, nprobe, recall = build_faiss_index(vectors, cfg.index, progress=progress)
-    tmp = d / "index.faiss.tmp"
-    faiss.write_index(index, str(tmp))
-    tmp.replace(d / "index.faiss")
+                          "tokenizer": settings["tokenizer"]["fingerprint"], "chunk_size": cfg.chunk_size,
+                          **({"encoding": settings["encoding"]} if "encoding" in settings else {})},
+                   encode=document_encode_fn(encoding))
+    plan = plan_index(len(db), settings["embedder"]["dimension"], cfg.index)
+    extra: dict = {}
+    if plan.on_disk:  # the vectors exceed the memory budget: never hold them all, keep the lists on disk
+        from .ondisk import build_ondisk_index
+
+        factory, nprobe, recall = build_ondisk_index(d, d / "embeddings", len(db), plan.factory, cfg.index,
+                                                     progress=progress, shard_size=cfg.shard_size)
+        extra.update(on_disk=True, refine=cfg.index.refine)
+        num_vectors = len(db)
+    else:
+        vectors = load_embeddings(d / "embeddings", len(db), cfg.shard_size)
+        index, factory, nprobe, recall = build_faiss_index(vectors, cfg.index, progress=progress)
+        if factory.startswith("HNSW"):
+            extra["ef_search"] = int(faiss.downcast_index(index).hnsw.efSearch)
+        tmp = d / "index.faiss.tmp"
+        faiss.write_index(index, str(tmp))
+        tmp.replace(d / "index.faiss")
+        num_vectors = int(index.ntotal)
+    if cfg.lexical is not None:
+        extra["lexical"] = build_lexical(d, cfg.lexical, progress=progress)["params"]
 
     manifest = {
         "kind": "index", "format_version": FORMAT_VERSION, **settings,
         "factory": factory, "nprobe": nprobe, "tuned_recall_at_10": recall,
-        "num_chunks": len(db), "num_vectors": int(index.ntotal),
+        "num_chunks": len(db), "num_vectors": num_vectors,
+        "query_encoder": query_record, "encoding": encoding.to_dict(), **extra,
         "last_run_seconds": round(time.time() - started, 2),  # of the final run only, when a build was resumed
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **({"corpus": str(source)} if source else {}),

@@ -29,12 +29,13 @@ class EmbeddingStateError(RuntimeError):
     """Shards on disk were made with other settings; resuming would mix incompatible vectors."""
 
 
-def encode_texts(embedder, texts: Sequence[str], batch_size: int = 64, pool=None) -> np.ndarray:
-    """(N,) texts -> (N, D) float32, L2-normalised (inner product = cosine)."""
+def encode_texts(embedder, texts: Sequence[str], batch_size: int = 64, pool=None,
+                 normalize: bool = True) -> np.ndarray:
+    """(N,) texts -> (N, D) float32, L2-normalised (inner product = cosine) unless `normalize` is False."""
     if not texts:
         return np.zeros((0, _dim(embedder)), np.float32)
     vecs = embedder.encode(list(texts), batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True,
-                           normalize_embeddings=True, pool=pool)
+                           normalize_embeddings=normalize, pool=pool)
     return np.ascontiguousarray(vecs, dtype=np.float32)
 
 

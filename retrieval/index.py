@@ -7,7 +7,12 @@ The choice is a `faiss.index_factory` string, so any user override is one string
   nlist >= 16384                      -> coarse quantizer "IVF{nlist}_HNSW32" (assigning to lists stays fast)
 nprobe is tuned after the build: the smallest power of two whose recall@10 against exact search, measured on
 a sample of the indexed vectors used as queries (each ignoring itself), reaches `target_recall`. When that needs
-more than 1/8 of the lists (vectors without cluster structure) the automatic choice falls back to exact "Flat".
+more than 1/8 of the lists (vectors without cluster structure) the automatic choice tries a graph index,
+"HNSW{M}" with efSearch tuned the same way, and keeps it if it reaches the target faster than exact search on the
+tuning queries; otherwise it falls back to exact "Flat".
+Past memory (`plan_index`): when the float vectors alone exceed the memory budget, the plan is IVF-PQ (OPQ
+optionally) whose inverted lists live on disk, built shard by shard (ondisk.py); searching holds only the coarse
+centroids and codebooks in memory.
 When faiss sees GPUs the same index is cloned onto all of them for training, adding and searching.
 """
 from __future__ import annotations
@@ -29,6 +34,12 @@ class IndexConfig:
     target_recall: float = 0.95  # recall@10 against exact search that nprobe tuning aims for
     train_size: int | None = None  # vectors used to train IVF centroids; None: 40 per list (at least 20k)
     use_gpu: bool | None = None  # None: when faiss has GPUs
+    hnsw: bool = True  # automatic choice: try HNSW where IVF needs too many lists
+    hnsw_m: int = 32  # HNSW graph degree
+    on_disk: bool | None = None  # inverted lists on disk; None: when the float vectors exceed memory_budget_gb
+    opq: bool = False  # on-disk plan: rotate with OPQ before PQ (better recall, slower training)
+    pq_m: int | None = None  # on-disk plan: bytes per vector; None: the largest divisor of dim <= dim / 4
+    refine: int = 4  # on-disk plan: candidates per result re-scored with their full vectors (1: none)
 
     def __post_init__(self):
         if self.nprobe is not None and self.nprobe <= 0:
@@ -56,6 +67,34 @@ def choose_factory(n: int, dim: int, memory_budget_gb: float = 8.0, flat_thresho
         if n * (m + 8) <= budget:
             return f"{coarse},PQ{m}"
     return f"{coarse},PQ{max(1, dim // 32)}"
+
+
+@dataclass
+class IndexPlan:
+    factory: str
+    on_disk: bool
+    reason: str
+
+
+def plan_index(n: int, dim: int, cfg: IndexConfig) -> IndexPlan:
+    """Where the index will live and which factory it starts from (build_faiss_index may still trade an
+    automatic IVF for HNSW or Flat once it has measured recall)."""
+    budget = cfg.memory_budget_gb * 2 ** 30
+    fits = n * dim * 4 <= budget
+    if cfg.factory != "auto":
+        return IndexPlan(cfg.factory, bool(cfg.on_disk), "given")
+    if cfg.on_disk or (cfg.on_disk is None and not fits and n > cfg.flat_threshold):
+        return IndexPlan(ondisk_factory(n, dim, cfg), True,
+                         f"{n * dim * 4 / 2 ** 30:.1f} GiB of vectors over a {cfg.memory_budget_gb} GiB budget")
+    return IndexPlan(choose_factory(n, dim, cfg.memory_budget_gb, cfg.flat_threshold), False, "fits in memory")
+
+
+def ondisk_factory(n: int, dim: int, cfg: IndexConfig) -> str:
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))  # more, shorter lists: each probe reads less from disk
+    nlist = int(max(64, min(nlist, 262144, 2 ** int(math.log2(max(n // 39, 64))))))
+    m = cfg.pq_m or max(x for x in range(1, dim // 4 + 1) if dim % x == 0)
+    coarse = f"IVF{nlist}_HNSW32" if nlist >= 16384 else f"IVF{nlist}"
+    return f"OPQ{m},{coarse},PQ{m}" if cfg.opq else f"{coarse},PQ{m}"
 
 
 def make_index(dim: int, factory: str):
@@ -118,10 +157,51 @@ def build_faiss_index(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0, prog
             nprobe, recall = tune_nprobe(index, vectors, nlist, cfg.target_recall, seed=seed)
             if cfg.factory == "auto" and nprobe > nlist // 8 and n * dim * 4 <= cfg.memory_budget_gb * 2 ** 30:
                 # data without cluster structure (e.g. isotropic): scanning this many lists costs more than
-                # exact search, which also gives recall 1
+                # exact search, which also gives recall 1; a graph index may still beat both
+                if cfg.hnsw and n * (dim * 4 + cfg.hnsw_m * 2 * 4 * 1.1) <= cfg.memory_budget_gb * 2 ** 30:
+                    graph = build_hnsw_if_faster(vectors, cfg, seed, progress)
+                    if graph is not None:
+                        return graph
                 return build_faiss_index(vectors, replace(cfg, factory="Flat"), seed, progress)
         set_nprobe(index, nprobe)
     return to_cpu(index), factory, nprobe, recall
+
+
+# A graph step computes one distance at a random address; exact search streams all vectors through BLAS, a batch of
+# queries at a time. On CPU one graph distance costs about as much as this many streamed ones, so HNSW wins when it
+# computes fewer than N / this distances a query.
+GRAPH_DISTANCE_COST = 32
+
+
+def build_hnsw_if_faster(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0, progress: bool = True):
+    """An HNSW index with efSearch tuned to `target_recall` (smallest power of two from 16), if it computes fewer
+    than N / GRAPH_DISTANCE_COST distances a query there (counted by faiss, so the choice does not depend on the
+    machine's load); else None. Returns build_faiss_index's tuple (nprobe None, measured recall)."""
+    n, dim = vectors.shape
+    factory = f"HNSW{cfg.hnsw_m}"
+    index = make_index(dim, factory)
+    index.hnsw.efConstruction = 80
+    step = 65536
+    for lo in tqdm(range(0, n, step), desc="HNSW graph", unit="block", disable=not progress or n <= step):
+        index.add(np.ascontiguousarray(vectors[lo:lo + step]))
+    qid = np.random.default_rng(seed + 1).choice(n, min(1000, n), replace=False)
+    queries = np.ascontiguousarray(vectors[qid])
+    _, exact = faiss.knn(queries, vectors, 11, metric=faiss.METRIC_INNER_PRODUCT)
+    exact = _drop_self(exact, qid, 10)
+    affordable = n / GRAPH_DISTANCE_COST
+    ef = 16
+    while ef <= 4096:
+        index.hnsw.efSearch = ef
+        faiss.cvar.hnsw_stats.reset()
+        _, approx = index.search(queries, 11)
+        per_query = faiss.cvar.hnsw_stats.ndis / len(queries)
+        if per_query >= affordable:
+            return None
+        recall = recall_at_k(_drop_self(approx, qid, 10), exact)
+        if recall >= cfg.target_recall:
+            return index, factory, None, recall
+        ef *= 2
+    return None
 
 
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:

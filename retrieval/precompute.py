@@ -73,6 +73,7 @@ def precompute_neighbours(retriever: Retriever, examples: Sequence[str], directo
         "index_corpus_hash": man["corpus_hash"], "tokenizer": man["tokenizer"], "embedder": man["embedder"],
         "chunk_size": retriever.chunk_size, "k": k, "chunked": chunked, "num_examples": len(examples),
         "num_queries": len(queries), "examples_hash": h.hexdigest(), "excluded_docs": exclude_doc_ids is not None,
+        "retriever": retriever.describe(),
     }, ["ids.npy", "scores.npy", "tokens.npy", "offsets.npy"])
     return PrecomputedNeighbours.load(d)
 

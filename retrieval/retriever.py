@@ -3,6 +3,11 @@
 Neighbours are chunk + continuation, R = 2m decoder tokens, -1 padded; a neighbour whose R tokens are all -1 is
 missing. Neighbours from an excluded document (the query's own, RETRO's rule against leakage) are dropped and
 the search widened until k others are found or the index is exhausted.
+
+Three kinds of first stage over the same chunk ids: "dense" (the FAISS index of the embedder's vectors), "bm25"
+(lexical.py) and "hybrid" (both, fused by fusion.py); any of them may be followed by a cross-encoder reranking of
+its top-N (rerank.py). Queries are encoded as the index recorded (encoders.py: query encoder, prompt, pooling,
+normalisation).
 """
 from __future__ import annotations
 
@@ -14,10 +19,15 @@ import faiss
 import numpy as np
 
 from .chunks import ChunkDB
-from .embed import encode_texts
+from .encoders import Encoding, encode, pooling_mode
+from .fusion import FusionConfig, fuse
 from .index import search_index, set_nprobe, to_devices
+from .lexical import LexicalIndex
 from .manifest import (IndexCorruptError, IndexMismatchError, embedder_dimension, embedder_fingerprint,
                        read_manifest, remedy, tokenizer_fingerprint, verify_directory)
+from .rerank import RerankConfig, Reranker
+
+KINDS = ("dense", "bm25", "hybrid")
 
 ExcludeSpec = Sequence["str | int | Collection[str | int] | None"]
 
@@ -32,12 +42,24 @@ class SearchResult:
     doc_ids: list[list[str | None]]  # (N, K) corpus id of each neighbour's document
 
 
+def query_encoder_record(man: dict) -> dict:
+    """{name, fingerprint, dimension} of the model that encodes queries (the embedder unless asymmetric)."""
+    return man.get("query_encoder") or man["embedder"]
+
+
 def _check_embedder(d: Path, man: dict, embedder):
-    emb = man["embedder"]
+    emb = query_encoder_record(man)
+    asymmetric = man.get("query_encoder", man["embedder"]) != man["embedder"]
+    role = f"query encoder {emb['name']!r} (documents: {man['embedder']['name']!r})" if asymmetric \
+        else f"embedder {emb['name']!r}"
     if embedder_dimension(embedder) != emb["dimension"] or embedder_fingerprint(embedder) != emb["fingerprint"]:
-        raise IndexMismatchError(f"{d} was built with embedder {emb['name']!r} ({emb['dimension']}-d); the embedder "
+        raise IndexMismatchError(f"{d} was built with {role} ({emb['dimension']}-d); the embedder "
                                  f"given has other weights, so its query vectors would not match the index. Pass the "
-                                 f"same embedder or build another index")
+                                 f"same {'query encoder' if asymmetric else 'embedder'} or build another index")
+    recorded_pooling = Encoding.from_manifest(man).query_pooling
+    if recorded_pooling and pooling_mode(embedder) != recorded_pooling:
+        raise IndexMismatchError(f"{d} encodes queries with {recorded_pooling!r} pooling; the model given pools with "
+                                 f"{pooling_mode(embedder)!r}. Pass --pooling {recorded_pooling} (or the same model)")
     return embedder
 
 
@@ -70,20 +92,32 @@ def check_counts(d: Path, man: dict, db: ChunkDB, index) -> None:
 class Retriever:
     """Search one index directory. Build it with `retrieval.build_index` or `python -m retrieval build`."""
 
-    def __init__(self, directory: Path, manifest: dict, db: ChunkDB, index, embedder=None, tokenizer=None):
+    def __init__(self, directory: Path, manifest: dict, db: ChunkDB, index, embedder=None, tokenizer=None, *,
+                 kind: str = "dense", lexical: LexicalIndex | None = None, fusion: FusionConfig | None = None,
+                 reranker: Reranker | None = None):
         self.directory, self.manifest, self.db, self.index = directory, manifest, db, index
         self._embedder, self.tokenizer = embedder, tokenizer
         self._shards: dict[int, np.ndarray] = {}
+        self.kind, self.lexical, self.reranker = kind, lexical, reranker
+        self.fusion = fusion or FusionConfig()
+        self.encoding = Encoding.from_manifest(manifest)
+        self.with_title = bool(manifest.get("with_title", True))
 
     @classmethod
     def load(cls, directory: str | Path, *, tokenizer=None, chunk_size: int | None = None, embedder=None,
-             nprobe: int | None = None, use_gpu: bool | None = None, verify="auto") -> "Retriever":
+             nprobe: int | None = None, use_gpu: bool | None = None, verify="auto", retriever: str = "dense",
+             fusion: FusionConfig | None = None, reranker: "Reranker | RerankConfig | str | None" = None,
+             ) -> "Retriever":
         """Open a finished index. Whatever is passed is checked against what the index was built with, and a
-        mismatch raises IndexMismatchError: `tokenizer` (vocab fingerprint), `chunk_size`, `embedder` (a
-        SentenceTransformer or a path to one; weight fingerprint). `nprobe` overrides the tuned value.
-        Every file is checked against the manifest first (IndexCorruptError): sizes always, checksums per `verify`
-        ("auto": files up to 1 GiB each time, bigger ones when they changed; True: all; False: none); then the
-        counts the manifest records are checked against the files."""
+        mismatch raises IndexMismatchError: `tokenizer` (vocab fingerprint), `chunk_size`, `embedder` (the query
+        encoder: a SentenceTransformer or a path to one; weight fingerprint and pooling). `nprobe` overrides the
+        tuned value. Every file is checked against the manifest first (IndexCorruptError): sizes always, checksums
+        per `verify` ("auto": files up to 1 GiB each time, bigger ones when they changed; True: all; False: none);
+        then the counts the manifest records are checked against the files. `retriever`: "dense", "bm25" (needs
+        the index's bm25/) or "hybrid" (both, fused by `fusion`); `reranker`: a cross-encoder (id, path,
+        RerankConfig or Reranker) that reorders the first stage's top-N."""
+        if retriever not in KINDS:
+            raise ValueError(f"retriever {retriever!r} is unknown; choose one of {KINDS}")
         d = Path(directory)
         man = read_manifest(d)
         verify_directory(d, man, verify)
@@ -102,16 +136,38 @@ class Retriever:
         if embedder is not None:
             _check_embedder(d, man, embedder)
         try:
-            index = faiss.read_index(str(d / "index.faiss"))
+            # an index whose inverted lists live on disk (ondisk.py) finds them next to index.faiss
+            index = faiss.read_index(str(d / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR if man.get("on_disk")
+                                     else 0)
         except RuntimeError as e:
             raise IndexCorruptError(f"{d / 'index.faiss'}: FAISS cannot read it ({str(e).strip().splitlines()[-1]})"
                                     f"; {remedy(d, 'index', man)}") from None
         db = ChunkDB(d / "chunks")
         check_counts(d, man, db, index)
-        index = to_devices(index, use_gpu)
-        if nprobe or man.get("nprobe"):
-            set_nprobe(index, nprobe or man["nprobe"])
-        return cls(d, man, db, index, embedder, tokenizer)
+        if retriever == "bm25":
+            index = None
+        else:
+            index = to_devices(index, use_gpu) if not man.get("on_disk") else index
+            if nprobe or man.get("nprobe"):
+                set_nprobe(index, nprobe or man["nprobe"])
+            if man.get("ef_search"):
+                faiss.ParameterSpace().set_index_parameter(index, "efSearch", int(man["ef_search"]))
+        lexical = LexicalIndex.load(d, db) if retriever != "dense" else None
+        if isinstance(reranker, (str, Path)):
+            reranker = RerankConfig(str(reranker))
+        if isinstance(reranker, RerankConfig):
+            reranker = Reranker.load(reranker)
+        return cls(d, man, db, index, embedder, tokenizer, kind=retriever, lexical=lexical, fusion=fusion,
+                   reranker=reranker)
+
+    def describe(self) -> dict:
+        """What produces the rankings (recorded with precomputed neighbours; part of a run's identity)."""
+        out: dict = {"kind": self.kind}
+        if self.kind == "hybrid":
+            out["fusion"] = self.fusion.to_dict()
+        if self.reranker is not None:
+            out["reranker"] = {"model": self.reranker.name, "depth": self.reranker.config.depth}
+        return out
 
     # ---- properties
     @property
@@ -124,14 +180,14 @@ class Retriever:
 
     @property
     def embedder(self):
-        recorded = Path(self.manifest["embedder"]["name"])
+        recorded = Path(query_encoder_record(self.manifest)["name"])
         if self._embedder is None and recorded.is_dir():  # built from a local folder: that folder is the embedder
             from sentence_transformers import SentenceTransformer
 
             self._embedder = _check_embedder(self.directory, self.manifest, SentenceTransformer(str(recorded)))
         if self._embedder is None:
-            raise RuntimeError(f"no embedder: pass embedder= to Retriever.load (this index was built with "
-                               f"{self.manifest['embedder']['name']!r}) to search by text")
+            raise RuntimeError(f"no embedder: pass embedder= to Retriever.load (this index encodes queries with "
+                               f"{query_encoder_record(self.manifest)['name']!r}) to search by text")
         return self._embedder
 
     def __len__(self) -> int:
@@ -139,19 +195,21 @@ class Retriever:
 
     # ---- search
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """(N,) query texts -> (N, D) float32 normalised."""
-        if isinstance(texts, str) or any(not isinstance(t, str) for t in texts):
-            raise TypeError("texts must be a list of strings (wrap a single query in a list)")
-        return encode_texts(self.embedder, list(texts), batch_size=batch_size)
+        """(N,) query texts -> (N, D) float32 query vectors (the recorded prompt and normalisation)."""
+        _check_texts(texts)
+        return encode(self.embedder, list(texts), prompt=self.encoding.query_prompt,
+                      normalize=self.encoding.normalize, batch_size=batch_size)
 
     def search(self, texts: Sequence[str], k: int, exclude_doc_ids: ExcludeSpec | None = None) -> SearchResult:
         """Top-k chunks for each query text, best first."""
-        return self.search_vectors(self.encode(texts), k, exclude_doc_ids)
+        return self._result(*self.search_ids(texts, k, exclude_doc_ids))
 
     def search_ids(self, texts: Sequence[str], k: int, exclude_doc_ids: ExcludeSpec | None = None):
         """Only chunk ids (N, K) int64 and scores (N, K) float32: for deep searches (evaluation) that need no
         tokens or texts."""
-        return self._search_ids(self.encode(texts), k, exclude_doc_ids)
+        _check_texts(texts)
+        vectors = self.encode(texts) if self.kind != "bm25" else None
+        return self._search_ids(vectors, k, exclude_doc_ids, texts=list(texts))
 
     def neighbour_tokens(self, texts: Sequence[str], k: int, exclude_doc_ids: ExcludeSpec | None = None) -> np.ndarray:
         """(N,) texts -> (N, K, R) int64 neighbour tokens, -1 padded, the query's own documents excluded."""
@@ -162,7 +220,10 @@ class Retriever:
         return self.search(texts, k, exclude_doc_ids).texts
 
     def search_vectors(self, vectors: np.ndarray, k: int, exclude_doc_ids: ExcludeSpec | None = None) -> SearchResult:
-        """As `search`, for query vectors (N, D) that are already L2-normalised."""
+        """As `search`, for query vectors (N, D) encoded as `encode` does (dense retrieval only)."""
+        if self.kind != "dense" or self.reranker is not None:
+            raise ValueError(f"search_vectors serves dense retrieval without reranking; this retriever is "
+                             f"{self.describe()}: search by text with `search`")
         return self._result(*self._search_ids(vectors, k, exclude_doc_ids))
 
     def chunk_neighbours(self, chunk_ids: Sequence[int], k: int) -> SearchResult:
@@ -170,19 +231,52 @@ class Retriever:
         ids = np.asarray(chunk_ids, np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= len(self.db)):
             raise IndexError(f"chunk ids must lie in [0, {len(self.db)})")
-        vecs = np.stack([self._stored_vector(int(i)) for i in ids]) if ids.size else np.zeros((0, 1), np.float32)
+        vecs = None
+        if self.kind != "bm25":
+            vecs = np.stack([self._stored_vector(int(i)) for i in ids]) if ids.size else np.zeros((0, 1), np.float32)
+        texts = [self.db.embedding_text(int(i), self.with_title) for i in ids] \
+            if self.kind != "dense" or self.reranker is not None else None
         excluded = [{int(self.db.doc[i])} for i in ids]
-        scores, nids = self._search_excluding(vecs, k, excluded)
+        nids, scores = self._search_ids(vecs, k, excluded, texts=texts, resolved=True)
         return self._result(nids, scores)
 
-    def _search_ids(self, vectors: np.ndarray, k: int, exclude_doc_ids: ExcludeSpec | None):
+    def _search_ids(self, vectors: np.ndarray | None, k: int, exclude_doc_ids, texts: list[str] | None = None,
+                    resolved: bool = False):
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
-        if exclude_doc_ids is not None and len(exclude_doc_ids) != len(vectors):
-            raise ValueError(f"exclude_doc_ids has {len(exclude_doc_ids)} entries for {len(vectors)} queries")
-        excluded = None if exclude_doc_ids is None else [self._doc_set(e) for e in exclude_doc_ids]
-        scores, ids = self._search_excluding(vectors, k, excluded)
+        n = len(vectors) if vectors is not None else len(texts)
+        if exclude_doc_ids is not None and len(exclude_doc_ids) != n:
+            raise ValueError(f"exclude_doc_ids has {len(exclude_doc_ids)} entries for {n} queries")
+        excluded = exclude_doc_ids if resolved or exclude_doc_ids is None \
+            else [self._doc_set(e) for e in exclude_doc_ids]
+        depth = max(k, self.reranker.config.depth) if self.reranker is not None else k
+        scores, ids = self._search_excluding(n, depth, excluded, self._first_stage(vectors, texts))
+        if self.reranker is not None:
+            ids, scores = self.reranker.rerank(texts, ids, lambda i: self.db.embedding_text(i, self.with_title), k)
         return ids, scores
+
+    def _first_stage(self, vectors: np.ndarray | None, texts: list[str] | None):
+        """rows, width -> (scores, ids) (len(rows), width) of this retriever's kind, before exclusions."""
+        def dense(rows, width):
+            if self.manifest.get("refine", 1) > 1:  # compressed codes on disk: re-score with the full vectors
+                from .ondisk import refine_search, stored_vectors
+
+                return refine_search(self.index, vectors[rows], width, int(self.manifest["refine"]),
+                                     lambda ids: stored_vectors(self.directory / "embeddings",
+                                                                int(self.manifest["shard_size"]), ids, self._shards))
+            return search_index(self.index, vectors[rows], width)
+
+        def bm25(rows, width):
+            return self.lexical.search([texts[r] for r in rows], width)
+
+        def hybrid(rows, width):
+            depth = max(width, self.fusion.depth)
+            d_scores, d_ids = dense(rows, depth)
+            l_scores, l_ids = bm25(rows, depth)
+            ids, scores = fuse(self.fusion, {"dense": (d_ids, d_scores), "bm25": (l_ids, l_scores)}, width)
+            return scores, ids
+
+        return {"dense": dense, "bm25": bm25, "hybrid": hybrid}[self.kind]
 
     # ---- internals
     def _doc_set(self, spec) -> set[int]:
@@ -200,15 +294,15 @@ class Retriever:
                 out.add(int(item))
         return out
 
-    def _search_excluding(self, vectors: np.ndarray, k: int, excluded: list[set[int]] | None):
-        n_total = int(self.index.ntotal)
-        out_ids = np.full((len(vectors), k), -1, np.int64)
-        out_scores = np.full((len(vectors), k), -np.inf, np.float32)
-        rows = np.arange(len(vectors))
+    def _search_excluding(self, n_queries: int, k: int, excluded: list[set[int]] | None, first_stage):
+        n_total = len(self.db)
+        out_ids = np.full((n_queries, k), -1, np.int64)
+        out_scores = np.full((n_queries, k), -np.inf, np.float32)
+        rows = np.arange(n_queries)
         width = min(n_total, k + (2 * k + 8 if excluded else 0))
         cap = min(n_total, k + 4096)
         while len(rows) and width > 0:
-            scores, ids = search_index(self.index, vectors[rows], width)
+            scores, ids = first_stage(rows, width)
             short = []
             for r, s_row, i_row in zip(rows, scores, ids):
                 keep = i_row >= 0
@@ -233,3 +327,8 @@ class Retriever:
         if s not in self._shards:
             self._shards[s] = np.load(self.directory / "embeddings" / f"shard_{s:05d}.npy", mmap_mode="r")
         return np.asarray(self._shards[s][chunk_id - s * size], np.float32)
+
+
+def _check_texts(texts) -> None:
+    if isinstance(texts, str) or any(not isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a list of strings (wrap a single query in a list)")

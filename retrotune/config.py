@@ -15,6 +15,7 @@ import yaml
 
 STAGES = ("retrofit", "finetune")
 MODELS = ("retro", "gpt")
+RETRIEVERS = ("dense", "bm25", "hybrid")
 SCHEDULES = ("linear", "cosine", "constant")
 LR_GROUPS = ("gate", "cca_qk", "cca", "encoder")  # RetroModel.retro_parameter_groups()
 RETRO_LR_SCALES = {"gate": 50, "cca_qk": 10, "cca": 0.3, "encoder": 0.3}
@@ -103,6 +104,7 @@ class RunConfig:
     decoder: str = "smollm2-135m"
     embedder: str = "minilm"
     index: str = "indexes/squad-demo"
+    retriever: str = "dense"  # dense, bm25 or hybrid (bm25 and hybrid need the index's bm25/)
     output_dir: str = "runs/default"
     neighbours_cache: str | None = None  # where question neighbours are stored; default OUTPUT_DIR/neighbours
     init_from: str | None = None  # a retro-fit run's output folder, to fine-tune from its RETRO weights
@@ -122,6 +124,7 @@ class RunConfig:
             self.data = _build(DataConfig, self.data, "data")
         _need(self.stage in STAGES, f"stage {self.stage!r} is unknown; choose one of {STAGES}")
         _need(self.model in MODELS, f"model {self.model!r} is unknown; choose one of {MODELS}")
+        _need(self.retriever in RETRIEVERS, f"retriever {self.retriever!r} is unknown; choose one of {RETRIEVERS}")
         _need(not (self.stage == "retrofit" and self.model != "retro"),
               "stage 'retrofit' trains RETRO's added layers; set model: retro (the GPT baseline has nothing to retro-fit)")
         _need(isinstance(self.neighbours, int) and self.neighbours >= 1, f"neighbours must be >= 1, got {self.neighbours!r}")

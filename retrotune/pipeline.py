@@ -33,12 +33,18 @@ def open_index(config: RunConfig, tokenizer, embedder=None):
                                 f"python -m retrieval build --corpus data/squad-demo/passages.jsonl "
                                 f"--out {config.index}")
     chunk_size = config.retro.get("chunk_size") if config.model == "retro" else None
-    return Retriever.load(config.index, tokenizer=tokenizer, chunk_size=chunk_size,
-                          embedder=embedder if embedder is not None else load_embedder(config.embedder))
+    if embedder is None and config.retriever != "bm25":
+        embedder = load_embedder(config.embedder)
+    return Retriever.load(config.index, tokenizer=tokenizer, chunk_size=chunk_size, embedder=embedder,
+                          retriever=config.retriever)
 
 
 def index_hash(retriever) -> str:
-    return hashlib.sha256((Path(retriever.directory) / "manifest.json").read_bytes()).hexdigest()[:16]
+    data = (Path(retriever.directory) / "manifest.json").read_bytes()
+    how = retriever.describe() if hasattr(retriever, "describe") else {"kind": "dense"}
+    if how != {"kind": "dense"}:  # the same index searched another way gives other neighbours
+        data += json.dumps(how, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 @dataclass

@@ -24,7 +24,8 @@ def test_bench_search_tiny(data, capsys):
     header, row = rows(capsys.readouterr().out)
     result = dict(zip(header, row))
     # above the tiny flat threshold the automatic choice is IVF, unless tuning shows it cannot beat exact search
-    assert result["factory"].startswith("IVF") if data == "clustered" else result["factory"] in ("Flat", "IVF256,Flat")
+    assert result["factory"].startswith("IVF") if data == "clustered" else \
+        result["factory"] in ("Flat", "IVF256,Flat", "HNSW32")
     assert 0.0 <= float(result["recall@10"]) <= 1.0 and float(result["speed-up"].rstrip("x")) > 0
 
 
@@ -35,3 +36,14 @@ def test_bench_index_build_tiny(capsys):
     result = dict(zip(header, row))
     assert int(result["chunks"].replace(",", "")) > 0
     assert float(result["ratio"]) > 0
+
+
+def test_bench_index_scale_tiny(capsys):
+    assert load("bench_index_scale").main(["--tiny"]) == 0
+    header, *table = rows(capsys.readouterr().out)
+    results = {r[0]: dict(zip(header, r)) for r in table}
+    assert set(results) == {"planner", "Flat", "IVF", "HNSW"}
+    assert results["planner"]["factory"].endswith("(on disk)")  # 312 KiB of vectors over a 16 KiB budget
+    assert float(results["Flat"]["recall@10"]) == 1.0
+    for r in results.values():
+        assert 0.0 <= float(r["recall@10"]) <= 1.0 if r["recall@10"] != "-" else r["index"] == "HNSW"

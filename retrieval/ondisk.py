@@ -1,0 +1,202 @@
+"""Indexes past memory: embedding shards on disk -> an IVF-PQ index whose inverted lists live on disk.
+
+Chosen by `index.plan_index` when the float vectors exceed the memory budget. The vectors are never all in
+memory: they are read shard by shard through memory maps.
+  1. train the coarse quantizer and the PQ codebook (and OPQ rotation) on a sample -> ivf_parts/trained.index
+  2. add each embedding shard to a copy of the trained, empty index -> ivf_parts/part_SSSSS.index (atomic)
+  3. merge the parts' inverted lists into index.ivfdata (faiss OnDiskInvertedLists, `merge_ondisk`) and write
+     index.faiss, which refers to index.ivfdata by name (opened with IO_FLAG_ONDISK_SAME_DIR)
+  4. tune nprobe against exact search computed shard by shard
+PQ codes alone cap recall well below exact search, so a search takes `refine` times more candidates than asked
+and re-scores them with their full vectors, read from the embedding shards through memory maps (a few hundred
+random reads a query, no vectors held in memory).
+Each step's output is written atomically and skipped on a rerun, so an interrupted build resumes; the parts are
+deleted once merged. Searching memory-maps index.ivfdata: memory holds the centroids, codebooks and the pages
+of the lists probed, not the corpus.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from .index import IndexConfig, _drop_self, make_index, recall_at_k, set_nprobe
+from .manifest import check_or_record
+
+IVFDATA = "index.ivfdata"
+
+
+class OnDiskBuildError(RuntimeError):
+    """ivf_parts/ holds work for another factory or other vectors."""
+
+
+def shard_files(emb_dir: Path) -> list[Path]:
+    return sorted(Path(emb_dir).glob("shard_[0-9]*.npy"))
+
+
+def iter_shards(emb_dir: Path) -> Iterator[tuple[int, np.ndarray]]:
+    """(first chunk id, (n_s, D) float32 memory map) for each embedding shard, in order."""
+    lo = 0
+    for p in shard_files(emb_dir):
+        x = np.load(p, mmap_mode="r")
+        yield lo, x
+        lo += len(x)
+
+
+def sample_vectors(emb_dir: Path, ids: np.ndarray) -> np.ndarray:
+    """Rows `ids` (sorted or not) of the concatenated shards, read through memory maps: (len(ids), D)."""
+    ids = np.asarray(ids, np.int64)
+    out = None
+    for lo, x in iter_shards(emb_dir):
+        sel = np.nonzero((ids >= lo) & (ids < lo + len(x)))[0]
+        if out is None:
+            out = np.empty((len(ids), x.shape[1]), np.float32)
+        if len(sel):
+            out[sel] = x[np.sort(ids[sel]) - lo][np.argsort(np.argsort(ids[sel]))]
+    return out
+
+
+def exact_knn(queries: np.ndarray, emb_dir: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k over all shards, one shard in memory at a time: (scores, ids) (Q, k)."""
+    best_s = np.full((len(queries), k), -np.inf, np.float32)
+    best_i = np.full((len(queries), k), -1, np.int64)
+    for lo, x in iter_shards(emb_dir):
+        s, i = faiss.knn(queries, np.ascontiguousarray(x), min(k, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
+        all_s = np.concatenate([best_s, s], 1)
+        all_i = np.concatenate([best_i, np.where(i >= 0, i + lo, -1)], 1)
+        order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(all_s, order, 1), np.take_along_axis(all_i, order, 1)
+    return best_s, best_i
+
+
+def stored_vectors(emb_dir: Path, shard_size: int, ids: np.ndarray, cache: dict | None = None) -> np.ndarray:
+    """Full vectors of chunk ids (any shape, -1 = missing -> zeros) from the embedding shards: (..., D)."""
+    cache = {} if cache is None else cache
+    flat = np.asarray(ids, np.int64).reshape(-1)
+    out = None
+    for s in np.unique(flat[flat >= 0] // shard_size):
+        if s not in cache:
+            cache[s] = np.load(Path(emb_dir) / f"shard_{s:05d}.npy", mmap_mode="r")
+        x = cache[s]
+        if out is None:
+            out = np.zeros((len(flat), x.shape[1]), np.float32)
+        sel = np.nonzero((flat >= 0) & (flat // shard_size == s))[0]
+        out[sel] = x[flat[sel] - s * shard_size]
+    if out is None:
+        return np.zeros((*np.shape(ids), 0), np.float32)
+    return out.reshape(*np.shape(ids), -1)
+
+
+def refine_search(index, queries: np.ndarray, k: int, refine: int, vectors_of) -> tuple[np.ndarray, np.ndarray]:
+    """Top `refine * k` by the compressed codes, re-scored exactly: (scores, ids) (Q, k), best first.
+    `vectors_of(ids)` gives the full vectors of an id array."""
+    s, ids = index.search(np.ascontiguousarray(queries, np.float32), k * max(1, refine))
+    ids = ids.astype(np.int64)
+    if refine > 1 and ids.size:
+        exact = np.einsum("qd,qkd->qk", queries, vectors_of(ids))
+        s = np.where(ids >= 0, exact, -np.inf)
+        order = np.argsort(-s, axis=1, kind="stable")
+        s, ids = np.take_along_axis(s, order, 1), np.take_along_axis(ids, order, 1)
+    s, ids = s[:, :k], ids[:, :k]
+    return np.where(ids >= 0, s, -np.inf).astype(np.float32), ids
+
+
+def _write_index_atomic(index, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, path)
+
+
+def build_ondisk_index(d: Path, emb_dir: Path, n: int, factory: str, cfg: IndexConfig, seed: int = 0,
+                       progress: bool = True, shard_size: int | None = None) -> tuple[str, int, float]:
+    """Build `d/index.faiss` + `d/index.ivfdata` from the shards in `emb_dir` (steps above); returns
+    (factory, nprobe, measured recall@10 or None when nprobe was given)."""
+    d = Path(d)
+    parts = d / "ivf_parts"
+    shards = shard_files(emb_dir)
+    dim = int(np.load(shards[0], mmap_mode="r").shape[1])
+    if not (d / "index.faiss").exists():
+        check_or_record(parts / "settings.json", {"factory": factory, "num_vectors": n, "shards": len(shards),
+                                                  "train_size": cfg.train_size, "seed": seed}, OnDiskBuildError,
+                        "pass --overwrite to rebuild the index")
+        trained_path = parts / "trained.index"
+        if not trained_path.exists():
+            index = make_index(dim, factory)
+            ivf = faiss.extract_index_ivf(index)
+            size = min(n, cfg.train_size or max(40 * ivf.nlist, 20_000))
+            rng = np.random.default_rng(seed)
+            sample = sample_vectors(emb_dir, rng.choice(n, size, replace=False) if size < n else np.arange(n))
+            index.train(sample)
+            del sample
+            _write_index_atomic(index, trained_path)
+        part_paths = []
+        for s, (lo, x) in enumerate(tqdm(list(iter_shards(emb_dir)), desc="IVF-PQ parts", unit="shard",
+                                         disable=not progress)):
+            path = parts / f"part_{s:05d}.index"
+            if not path.exists():
+                index = faiss.read_index(str(trained_path))
+                index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), np.arange(lo, lo + len(x),
+                                                                                        dtype=np.int64))
+                _write_index_atomic(index, path)
+            part_paths.append(str(path))
+        from faiss.contrib.ondisk import merge_ondisk
+
+        index = faiss.read_index(str(trained_path))
+        (d / IVFDATA).unlink(missing_ok=True)
+        merge_ondisk(index, part_paths, str(d / IVFDATA))
+        if index.ntotal != n:
+            raise OnDiskBuildError(f"{parts}: merged {index.ntotal} vectors, expected {n}; pass --overwrite")
+        _write_index_atomic(index, d / "index.faiss")
+        del index
+        shutil.rmtree(parts)
+    index = load_ondisk(d)
+    nlist = faiss.extract_index_ivf(index).nlist
+    if cfg.nprobe:
+        return factory, cfg.nprobe, None
+    size = shard_size or len(np.load(shards[0], mmap_mode="r"))
+    nprobe, recall = tune_nprobe_streaming(index, emb_dir, n, nlist, cfg.target_recall, seed=seed,
+                                           refine=cfg.refine, shard_size=size)
+    return factory, nprobe, recall
+
+
+def load_ondisk(d: Path):
+    """index.faiss with its lists mapped from index.ivfdata in the same directory."""
+    return faiss.read_index(str(Path(d) / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+
+
+def tune_nprobe_streaming(index, emb_dir: Path, n: int, nlist: int, target: float, k: int = 10,
+                          n_queries: int = 200, seed: int = 0, refine: int = 1,
+                          shard_size: int = 8192) -> tuple[int, float]:
+    """As index.tune_nprobe, with the exact neighbours computed shard by shard and candidates refined. Stops
+    early once doubling nprobe gains less than 0.002 recall (the codes' own ceiling)."""
+    qid = np.random.default_rng(seed + 1).choice(n, min(n_queries, n), replace=False)
+    queries = sample_vectors(emb_dir, qid)
+    _, exact = exact_knn(queries, emb_dir, k + 1)
+    exact = _drop_self(exact, qid, k)
+    cache: dict = {}
+    nprobe, last = 1, -1.0
+    while True:
+        set_nprobe(index, nprobe)
+        _, approx = refine_search(index, queries, k + 1, refine,
+                                  lambda ids: stored_vectors(emb_dir, shard_size, ids, cache))
+        recall = recall_at_k(_drop_self(approx, qid, k), exact)
+        if recall >= target or nprobe >= nlist or (nprobe >= 16 and recall - last < 0.002):
+            return nprobe, recall
+        nprobe, last = min(nlist, nprobe * 2), recall
+
+
+def resident_bytes(index) -> int:
+    """Bytes an IVF index holds in memory apart from its inverted lists' contents: coarse quantizer, PQ codebook,
+    OPQ rotation and per-list bookkeeping (what searching an on-disk index needs besides mapped pages)."""
+    ivf = faiss.extract_index_ivf(index)
+    total = int(faiss.serialize_index(ivf.quantizer).size) + ivf.nlist * 3 * 8
+    if hasattr(ivf, "pq"):
+        total += ivf.pq.M * ivf.pq.ksub * ivf.pq.dsub * 4
+    if isinstance(index, faiss.IndexPreTransform):
+        total += sum(index.chain.at(i).d_in * index.chain.at(i).d_out * 4 for i in range(index.chain.size()))
+    return total
