@@ -35,10 +35,21 @@ def check_model_name(name: str, kind: str) -> None:
 
 
 def check_peft(peft: dict, where: str = "peft") -> None:
+    """A PEFT entry: its method fields, and its own `train:` settings where an experiment gives them."""
     from peft_methods import peft_config_from_dict
+    from peft_methods.hparams import split_peft_entry
 
     try:
-        peft_config_from_dict(peft, where)
+        fields, overrides = split_peft_entry(peft, where)
+        peft_config_from_dict(fields, where)
+        import dataclasses
+
+        from retrotune.config import TrainConfig
+
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
+        if unknown:
+            raise ConfigError(f"{where}.train: unknown field(s) {unknown}; it takes train settings such as lr, "
+                              f"warmup_steps, max_steps")
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
