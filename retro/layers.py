@@ -165,8 +165,9 @@ class ChunkedCrossAttention(nn.Module):
         self.k_prev_proj = nn.Linear(encoder_width, decoder_width, bias=False)
         with torch.no_grad():
             nn.init.orthogonal_(self.q_token_proj.weight, gain=2 ** 0.5)  # a match scores 16 per head
-            self.q_token_proj.weight[(heads // 2) * (decoder_width // heads):] = 0
-            self.k_prev_proj.weight.zero_()
+            # near zero rather than zero: a weight-normalising method (DoRA) divides by each row's norm
+            self.q_token_proj.weight[(heads // 2) * (decoder_width // heads):] *= 1e-3
+            nn.init.normal_(self.k_prev_proj.weight, std=1e-3)
             if encoder_width == decoder_width:
                 self.k_prev_proj.weight.copy_(self.q_token_proj.weight)
         if init == "copy":
