@@ -5,18 +5,11 @@ import pytest
 import torch
 
 from conftest import TINY_VOCAB, build_tiny_lm
+from tiny_fit_run import collate, data
 from retrotune.config import TrainConfig
 from retrotune.trainer import NonFiniteLossError, fit, latest_checkpoint
 
 
-def _data(n=24, length=12):
-    generator = torch.Generator().manual_seed(0)
-    return [torch.randint(1, TINY_VOCAB, (length,), generator=generator) for _ in range(n)]
-
-
-def _collate(items):
-    ids = torch.stack(items)
-    return {"input_ids": ids, "labels": ids}
 
 
 def _loss(model, batch):
@@ -32,7 +25,7 @@ def _model():
 
 def _run(tmp_path, steps, loss_fn=_loss, **overrides):
     config = TrainConfig(max_steps=steps, batch_size=4, lr=1e-2, eval_every=100, save_every=3, seed=1, **overrides)
-    return fit(_model(), _data(), _collate, loss_fn, config, tmp_path, run_config={"model": "tiny"})
+    return fit(_model(), data(), collate, loss_fn, config, tmp_path, run_config={"model": "tiny"})
 
 
 class Killed(Exception):
@@ -74,7 +67,7 @@ def test_non_finite_loss_stops_with_last_checkpoint_intact(tmp_path):
 
     config = TrainConfig(max_steps=8, batch_size=4, lr=1e-2, save_every=3, eval_every=100)
     with pytest.raises(NonFiniteLossError, match=r"step 5.*checkpoint-3.*intact"):
-        fit(_model(), _data(), _collate, poisoned, config, tmp_path, run_config={"model": "tiny"})
+        fit(_model(), data(), collate, poisoned, config, tmp_path, run_config={"model": "tiny"})
     assert latest_checkpoint(tmp_path).name == "checkpoint-3"
     assert json.loads((tmp_path / "checkpoint-3" / "state.json").read_text())["step"] == 3
 
@@ -84,11 +77,11 @@ def test_validation_and_early_stopping(tmp_path):
         return {"val_loss": 1.0}  # never improves after the first evaluation
 
     config = TrainConfig(max_steps=20, batch_size=4, lr=1e-3, eval_every=2, save_every=100, early_stopping_patience=2)
-    result = fit(_model(), _data(), _collate, _loss, config, tmp_path, run_config={}, validate=validate)
+    result = fit(_model(), data(), collate, _loss, config, tmp_path, run_config={}, validate=validate)
     assert result.stopped_early and result.steps == 6
     assert latest_checkpoint(tmp_path).name == "checkpoint-6"
 
 
 def test_empty_training_set_is_refused(tmp_path):
     with pytest.raises(ValueError, match="training set is empty"):
-        fit(_model(), [], _collate, _loss, TrainConfig(max_steps=2), tmp_path, run_config={})
+        fit(_model(), [], collate, _loss, TrainConfig(max_steps=2), tmp_path, run_config={})
