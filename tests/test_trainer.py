@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_VOCAB, build_tiny_lm
+from conftest import build_tiny_lm
 from tiny_fit_run import collate, data
 from retrotune.config import TrainConfig
 from retrotune.trainer import NonFiniteLossError, fit, latest_checkpoint
