@@ -11,12 +11,23 @@ from torch import nn
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor,
-                     dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     dropout_p: float = 0.0, sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SDPA where a query row with no valid key outputs zero instead of NaN.
 
     q (N, h, Tq, d), k/v (N, h, Tk, d), key_valid (N, Tk) bool -> out (N, h, Tq, d), has_key (N,) bool.
+    `sink` (h,): one more slot per head with a zero value and this fixed score, so a query whose best key scores
+    below it reads (almost) nothing.
     """
     has_key = key_valid.any(dim=-1)  # (N,)
+    if sink is not None:
+        N, h = q.shape[:2]
+        k, v = F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))  # (N, h, Tk+1, d), the last slot all zero
+        blocked = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(torch.tensor(True), float("-inf"))
+        scores = torch.where(key_valid, torch.zeros((), dtype=q.dtype, device=q.device), blocked)  # (N, Tk)
+        bias = torch.cat([scores[:, None, None, :].expand(N, h, 1, -1),
+                          sink.to(q.dtype)[None, :, None, None].expand(N, h, 1, 1)], dim=-1)  # (N, h, 1, Tk+1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+        return out * has_key[:, None, None, None].to(out.dtype), has_key
     # Rows with nothing to attend get a dummy all-visible mask so SDPA stays finite; they are zeroed afterwards.
     mask = (key_valid | ~has_key[:, None])[:, None, None, :]  # (N, 1, 1, Tk)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -50,7 +61,7 @@ def _attend_projected(mod: nn.Module, x: torch.Tensor, k: torch.Tensor, v: torch
     q = (mod.q_proj(x) if q is None else q).view(N, Tq, h, -1).transpose(1, 2)  # (N, h, Tq, d)
     k = k.reshape(N, Tk, h, -1).transpose(1, 2)  # (N, h, Tk, d)
     v = v.reshape(N, Tk, h, -1).transpose(1, 2)  # (N, h, Tk, d)
-    out, _ = masked_attention(q, k, v, key_valid, mod.dropout if mod.training else 0.0)
+    out, _ = masked_attention(q, k, v, key_valid, mod.dropout if mod.training else 0.0, getattr(mod, "sink", None))
     return mod.o_proj(out.transpose(1, 2).reshape(N, Tq, -1))  # (N, Tq, out)
 
 
@@ -155,27 +166,41 @@ class ChunkedCrossAttention(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(decoder_width)
         _init_projections(self, decoder_width, encoder_width, decoder_width, heads, dropout)
-        # An induction path: a query also sees its own input token, a key the neighbour token before it. In half of
-        # the heads these projections start equal (orthogonal), so from the first step a position holding token x
-        # attends to the token after x in its neighbours: CCA continues a neighbour's text where the decoder's text
-        # matches it (a pretrained decoder's top-layer states encode the next token more than the current one).
-        # The other heads start without it and look up neighbours by content.
+        # An induction path: a query also sees its own input token and the one before it, a key the two neighbour
+        # tokens before it. In half of the heads these projections start equal (orthogonal), so from the first step
+        # a position holding tokens (w, x) attends to the token after "w x" in its neighbours: CCA continues a
+        # neighbour's text where the decoder's text matches it (a pretrained decoder's top-layer states encode the
+        # next token more than the current one). A bigram match scores ~32 per head, a single shared token ~16,
+        # unrelated tokens a few points. The other heads start without it and look up neighbours by content.
         self.token_norm = nn.LayerNorm(decoder_width)
         self.q_token_proj = nn.Linear(decoder_width, decoder_width, bias=False)
+        self.q_prev_proj = nn.Linear(decoder_width, decoder_width, bias=False)
         self.k_prev_proj = nn.Linear(encoder_width, decoder_width, bias=False)
+        self.k_prev2_proj = nn.Linear(encoder_width, decoder_width, bias=False)
+        content = slice((heads // 2) * (decoder_width // heads), None)  # rows of the heads without the path
+        head_width = decoder_width // heads
         with torch.no_grad():
-            nn.init.orthogonal_(self.q_token_proj.weight, gain=2 ** 0.5)  # a match scores 16 per head
-            # near zero rather than zero: a weight-normalising method (DoRA) divides by each row's norm
-            self.q_token_proj.weight[(heads // 2) * (decoder_width // heads):] *= 1e-3
-            nn.init.normal_(self.k_prev_proj.weight, std=1e-3)
-            if encoder_width == decoder_width:
-                self.k_prev_proj.weight.copy_(self.q_token_proj.weight)
+            for q_proj, k_proj in ((self.q_token_proj, self.k_prev_proj), (self.q_prev_proj, self.k_prev2_proj)):
+                # unit-RMS tokens through this gain: a one-token match scores gain^2 * sqrt(head_width) = 16 per head
+                nn.init.orthogonal_(q_proj.weight, gain=4 / head_width ** 0.25)
+                # near zero rather than zero: a weight-normalising method (DoRA) divides by each row's norm
+                q_proj.weight[content] *= 1e-3
+                nn.init.normal_(k_proj.weight, std=1e-3)
+                if encoder_width == decoder_width:
+                    k_proj.weight.copy_(q_proj.weight)
+        # A null slot per head (zero value) whose score a query must beat: an induction head reads only where two
+        # tokens match, and otherwise (another document's neighbours, a shuffled one, a word shared by chance)
+        # nothing. Content heads start with the slot out of the way.
+        induction = torch.arange(heads) < heads // 2
+        self.sink = nn.Parameter(torch.where(induction, 24.0, -10.0))
         if init == "copy":
             if encoder_width != decoder_width:
                 raise ValueError(f"cca_init='copy' needs the encoder as wide as the decoder ({encoder_width} != "
                                  f"{decoder_width}); use cca_init='zero' or encoder_width=None")
             nn.init.eye_(self.v_proj.weight)
             nn.init.eye_(self.o_proj.weight)
+            with torch.no_grad():  # content heads start reading (almost) nothing: an average of neighbour tokens is noise
+                self.v_proj.weight[content] *= 1e-3
             gate = 0.0
         elif init == "zero":
             nn.init.zeros_(self.o_proj.weight)
@@ -186,10 +211,12 @@ class ChunkedCrossAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, encoded: torch.Tensor, encoded_valid: torch.Tensor,
                 offset: int, chunk_size: int, kv_cache: dict | None = None,
-                neighbour_length: int | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+                neighbour_length: int | None = None, tokens: torch.Tensor | None = None,
+                previous: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (B, n, D) at absolute positions offset..offset+n-1; encoded (B, L, K*R, E), encoded_valid (B, L, K*R);
         `neighbour_length` R (default: K*R, one neighbour) marks where each neighbour starts; `tokens` (B, n, D) are
-        the input embeddings at those positions (the queries' induction path; without them it is off).
+        the input embeddings at those positions and `previous` (B, n, D) those of the tokens before them (the queries'
+        induction path; without them it is off; zeros where there is no previous token).
 
         Position p attends the neighbours of chunk u = (p + 1) // m - 1: the last token of chunk u and the first m-1
         tokens of chunk u+1 see chunk u's neighbours (RETRO's causal shift); positions before m-1 attend nothing.
@@ -202,8 +229,10 @@ class ChunkedCrossAttention(nn.Module):
             fresh = encoded[:, done:]  # (B, new chunks, K*R, E)
             Bf, c, KR, E = fresh.shape
             R = neighbour_length or KR
-            before = F.pad(fresh.reshape(Bf, c, KR // R, R, E)[:, :, :, :-1], (0, 0, 1, 0)).reshape(Bf, c, KR, E)
-            k_new = self.k_proj(fresh) + self.k_prev_proj(before)  # (B, new chunks, K*R, D)
+            split = fresh.reshape(Bf, c, KR // R, R, E)
+            before = F.pad(split[:, :, :, :-1], (0, 0, 1, 0)).reshape(Bf, c, KR, E)  # each neighbour's previous token
+            before2 = F.pad(split[:, :, :, :-2], (0, 0, 2, 0)).reshape(Bf, c, KR, E)  # and the one before that
+            k_new = self.k_proj(fresh) + self.k_prev_proj(before) + self.k_prev2_proj(before2)  # (B, chunks, K*R, D)
             v_new = self.v_proj(fresh)  # (B, new chunks, K*R, D)
             kv_cache["k"] = k_new if not done else torch.cat([kv_cache["k"], k_new], dim=1)
             kv_cache["v"] = v_new if not done else torch.cat([kv_cache["v"], v_new], dim=1)
@@ -217,6 +246,10 @@ class ChunkedCrossAttention(nn.Module):
         query = self.q_proj(self.norm(hidden))  # (B, n, D)
         if tokens is not None:
             query = query + self.q_token_proj(self.token_norm(tokens.to(hidden.dtype)))
+            if previous is not None:
+                # a missing previous token (the sequence start) adds nothing, not the norm's bias
+                present = previous.abs().sum(-1, keepdim=True) > 0
+                query = query + self.q_prev_proj(self.token_norm(previous.to(hidden.dtype)) * present)
         padded = F.pad(query, (0, 0, front, Lw * m - front - n))  # (B, Lw*m, D)
         safe = chunk_index.clamp(min=0)
         k = kv_cache["k"][:, safe].flatten(0, 1)  # (B*Lw, K*R, D)

@@ -40,6 +40,7 @@ class _RetroState:
     neighbour_length: int | None = None  # R
     with_neighbours: bool | None = None
     cca_kv: dict = field(default_factory=dict)  # layer -> {"k", "v"}: (B, L_enc, K*R, D) projected per CCA block
+    last_token: torch.Tensor | None = None  # (B, 1, D) input embedding of the token at offset - 1
 
 
 @dataclass
@@ -49,6 +50,7 @@ class _Step:
     attention_mask: torch.Tensor | None  # (B, offset + n) or None
     n: int  # new tokens in this forward
     tokens: torch.Tensor | None = None  # (B, n, D) input embeddings of the new tokens (CCA's induction path)
+    previous: torch.Tensor | None = None  # (B, n, D) input embeddings of the tokens before them (zeros at the start)
 
 
 class _CCAHook:
@@ -100,16 +102,20 @@ class RetroModel(nn.Module):
         yield from self.cca.parameters()
 
     def retro_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """The added parameters by role, for per-group learning rates: "gate" (the CCA gates, one scalar each),
-        "cca_qk" (where to look in the neighbours: CCA query and key projections), "cca" (the rest of the CCA blocks)
-        and "encoder" (the neighbour encoder)."""
-        gates = [block.gate for block in self.cca.values()]
-        qk = [p for block in self.cca.values()
-              for p in (*block.q_proj.parameters(), *block.k_proj.parameters(), *block.k_prev_proj.parameters(),
-                        *block.q_token_proj.parameters(), *block.token_norm.parameters())]
-        taken = {id(p) for p in gates + qk}
-        return {"gate": gates, "cca_qk": qk, "cca": [p for p in self.cca.parameters() if id(p) not in taken],
-                "encoder": list(self.encoder.parameters())}
+        """The added parameters by role, for per-group learning rates: "gate" (the CCA gates and null-slot scores,
+        scalars), "cca_qk" (where content heads look: CCA query and key projections), "induction" (the token and
+        previous-token projections of the induction path), "cca" (the rest of the CCA blocks) and "encoder" (the
+        neighbour encoder)."""
+        blocks = list(self.cca.values())
+        gates = [p for block in blocks for p in (block.gate, block.sink)]
+        qk = [p for block in blocks for mod in (block.q_proj, block.k_proj) for p in mod.parameters()]
+        induction = [p for block in blocks
+                     for mod in (block.q_token_proj, block.q_prev_proj, block.k_prev_proj, block.k_prev2_proj,
+                                 block.token_norm)
+                     for p in mod.parameters()]
+        taken = {id(p) for p in gates + qk + induction}
+        return {"gate": gates, "cca_qk": qk, "induction": induction,
+                "cca": [p for p in self.cca.parameters() if id(p) not in taken], "encoder": list(self.encoder.parameters())}
 
     def retro_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()} | \
@@ -157,7 +163,9 @@ class RetroModel(nn.Module):
         step = None
         if neighbours is not None:
             tokens = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
-            step = _Step(state, neighbours, attention_mask, n, tokens)
+            first = state.last_token if state.last_token is not None else torch.zeros_like(tokens[:, :1])
+            step = _Step(state, neighbours, attention_mask, n, tokens, torch.cat([first, tokens[:, :-1]], dim=1))
+            state.last_token = tokens[:, -1:]
         self._step = step
         try:
             out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -213,7 +221,8 @@ class RetroModel(nn.Module):
                 return output
             hidden = self.cca[str(layer)](hidden, state.encoded, state.encoded_valid, state.offset, self.chunk_size,
                                           kv_cache=state.cca_kv.setdefault(layer, {}),
-                                          neighbour_length=state.neighbour_length, tokens=step.tokens)
+                                          neighbour_length=state.neighbour_length, tokens=step.tokens,
+                                          previous=step.previous)
             return hidden if isinstance(output, torch.Tensor) else (hidden,) + tuple(output[1:])
 
         return hook

@@ -17,8 +17,8 @@ STAGES = ("retrofit", "finetune")
 MODELS = ("retro", "gpt")
 RETRIEVERS = ("dense", "bm25", "hybrid")
 SCHEDULES = ("linear", "cosine", "constant")
-LR_GROUPS = ("gate", "cca_qk", "cca", "encoder")  # RetroModel.retro_parameter_groups()
-RETRO_LR_SCALES = {"gate": 50, "cca_qk": 10, "cca": 0.3, "encoder": 0.3}
+LR_GROUPS = ("gate", "cca_qk", "induction", "cca", "encoder")  # RetroModel.retro_parameter_groups()
+RETRO_LR_SCALES = {"gate": 50, "cca_qk": 10, "induction": 0.1, "cca": 0.1, "encoder": 0.1}
 
 
 class ConfigError(ValueError):
@@ -46,10 +46,11 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (bf16/fp16 need a GPU; auto takes bf16 there)
     gradient_checkpointing: bool = False
     seed: int = 0
-    # Learning-rate multipliers for RETRO's added layers, by group: gate (the CCA gates), cca_qk (CCA query/key
-    # projections), cca (the rest of CCA), encoder. The default opens the gates fast, lets the queries learn where
-    # to look at 10x the rate and moves the copy path CCA starts as (`cca_init: copy`) slowly; it is what reads
-    # the key -> value copy task in 4 steps (benchmarks/bench_copy_task.py). No effect on other parameters.
+    # Learning-rate multipliers for RETRO's added layers, by group: gate (the CCA gates and null-slot scores),
+    # cca_qk (content heads' query/key projections), induction (the induction path's token projections), cca (the
+    # rest of CCA), encoder. The default opens the gates fast, lets content heads learn where to look at 10x the
+    # rate, and moves what CCA starts as (the induction path and the copy path, `cca_init: copy`) slowly, so
+    # training refines a path that already reads rather than scrambling it. No effect on other parameters.
     lr_scales: dict = field(default_factory=lambda: dict(RETRO_LR_SCALES))
     deterministic: bool | None = None  # deterministic algorithms, seeded init; None: on CPU only (see README)
 

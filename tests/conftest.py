@@ -62,12 +62,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 def open_retro(model, gate: float = 1.0, seed: int = 0):
-    """Make retrieval visible in a fresh RETRO model, as training would: each CCA block gets a random output
-    projection (it starts at zero, which keeps a new model exact) and the gate `gate`. Returns the model."""
+    """Make retrieval visible in a fresh RETRO model, as training would: each CCA block gets random value and
+    output projections (a new block reads only where its input matches a neighbour, which random test data rarely
+    does), null slots out of the way, and the gate `gate`. Returns the model."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for block in model.cca.values():
-            w = block.o_proj.weight
-            w.copy_(torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5)
+            for w in (block.v_proj.weight, block.o_proj.weight):
+                w.copy_(torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5)
+            block.sink.fill_(-10.0)
     model.set_gates(gate)
     return model

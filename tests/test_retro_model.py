@@ -176,3 +176,29 @@ def test_retrofit_smollm2_default_layers_and_identity():
         moved = model(input_ids=ids, neighbours=nb).logits
     diff = (moved - want).abs().amax(-1)[0]
     assert diff[:63].max().item() <= 1e-5 and diff[63:].max().item() > 1e-3
+
+
+def test_fresh_cca_continues_a_neighbour_where_two_tokens_match_and_reads_nothing_elsewhere():
+    from torch.nn import functional as F
+
+    from retro.layers import ChunkedCrossAttention
+
+    torch.manual_seed(0)
+    D, heads, m, R = 256, 4, 4, 6  # heads of width 64, as in the models CCA is built for
+    cca = ChunkedCrossAttention(D, D, heads, dropout=0.0).eval()
+    cca.gate.data.fill_(20.0)  # tanh = 1: the branch at full strength
+    emb = torch.randn(20, D)
+    neighbour = torch.tensor([1, 2, 3, 4, 5, 6])
+    encoded = F.layer_norm(emb[neighbour], (D,))[None, None].expand(1, 2, R, D)  # what a fresh encoder gives
+    valid = torch.ones(1, 2, R, dtype=torch.bool)
+    # positions 3..7 read chunk 0's neighbour; position 5 holds token 3 after token 2, position 6 token 9 after 3
+    ids = torch.tensor([[10, 11, 12, 13, 2, 3, 9, 14]])
+    hidden = torch.ones(1, 8, D)
+    previous = torch.cat([torch.zeros(1, 1, D), emb[ids[:, :-1]]], dim=1)
+    out = cca(hidden, encoded, valid, offset=0, chunk_size=m, neighbour_length=R, tokens=emb[ids], previous=previous)
+    read = (out - hidden)[0]  # (8, D); the residual RMS is 1
+    half = D // 2  # the induction heads' output dims, an identity copy of the value they attend
+    copied = F.cosine_similarity(read[5, :half], encoded[0, 0, 3, :half], dim=0)
+    assert copied > 0.99, f"did not continue '2 3' with token 4 (cosine {copied:.3f})"
+    assert read[6, :half].norm() < 0.01 * read[5, :half].norm(), "one shared token is no match: the null slot wins"
+    assert read[:3].abs().max() == 0.0  # before the first chunk ends nothing is read
