@@ -35,7 +35,7 @@ def _train(args) -> int:
 
     config = load_config(args.config, args.overrides)
     check_run(config)  # before any model is loaded
-    from retrotune.models import default_device
+    from backbones import default_device
     from retrotune.runs import train_run
 
     summary = train_run(config, device=args.device or default_device())

@@ -23,15 +23,9 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
 def check_model_name(name: str, kind: str) -> None:
     """An alias, a local folder or a hub id (without converting or loading anything)."""
-    from retrotune import models
+    from backbones import check_model_name as check
 
-    aliases = models.DECODER_ALIASES if kind == "decoder" else models.EMBEDDER_ALIASES
-    if name in aliases:
-        models._package_dir(aliases[name])  # the package that ships its files is installed
-        return
-    if Path(name).expanduser().is_dir() or models._looks_like_hub_id(name):
-        return
-    raise models._unknown(name, kind)
+    check(name, kind)
 
 
 def check_peft(peft: dict, where: str = "peft") -> None:
