@@ -283,6 +283,17 @@ def param_groups(parameters: list, named: dict[str, list] | None, lr: float, lr_
     return ([{"params": rest, "lr": lr, "name": "default"}] if rest else []) + groups
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant gradient checkpointing: RETRO's own (base layers, CCA blocks and neighbour encoder), or the
+    HF base model's decoder layers for the GPT baseline."""
+    retro = next((m for m in model.modules() if hasattr(m, "retro_parameter_groups")), None)
+    if retro is not None:
+        retro.gradient_checkpointing_enable()
+        return
+    base = getattr(model, "base", model)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def fit(model: torch.nn.Module, train_set: Sequence, collate: Callable, loss_fn: Callable, config: TrainConfig,
         output_dir: str | Path, run_config: dict, validate: Callable | None = None, resume: bool = True,
         named_groups: dict[str, list] | None = None) -> FitResult:
@@ -320,8 +331,7 @@ def _fit(model: torch.nn.Module, train_set: Sequence, collate: Callable, loss_fn
                               mixed_precision={"fp32": "no"}.get(precision, precision))
     seed_everything(config.seed)
     if config.gradient_checkpointing:
-        base = getattr(model, "base", model)
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     parameters = [p for p in model.parameters() if p.requires_grad]
     if not parameters:
         raise ValueError("no parameter requires grad: the PEFT method or stage left nothing to train")
