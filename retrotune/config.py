@@ -105,6 +105,7 @@ class RunConfig:
     embedder: str = "minilm"
     index: str = "indexes/squad-demo"
     retriever: str = "dense"  # dense, bm25 or hybrid (bm25 and hybrid need the index's bm25/)
+    quantise: str | None = None  # nf4 | int8: the frozen base quantised through bitsandbytes (QLoRA; CUDA only)
     output_dir: str = "runs/default"
     neighbours_cache: str | None = None  # where question neighbours are stored; default OUTPUT_DIR/neighbours
     init_from: str | None = None  # a retro-fit run's output folder, to fine-tune from its RETRO weights
@@ -130,6 +131,11 @@ class RunConfig:
         _need(isinstance(self.neighbours, int) and self.neighbours >= 1, f"neighbours must be >= 1, got {self.neighbours!r}")
         _need(isinstance(self.peft, dict) and "method" in self.peft,
               "peft must be a mapping with a 'method' key, e.g. {method: lora, r: 8}")
+        _need(self.quantise in (None, "nf4", "int8"),
+              f"quantise {self.quantise!r} is unknown; choose nf4 (4-bit NormalFloat, QLoRA), int8 or null")
+        _need(not (self.quantise and self.stage == "finetune" and self.peft.get("method") == "full"),
+              f"quantise={self.quantise} keeps the base frozen in low precision, and peft.method=full trains it; "
+              f"choose a PEFT method (lora, ...) or set quantise=null")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
