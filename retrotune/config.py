@@ -45,6 +45,9 @@ class TrainConfig:
     early_stopping_patience: int | None = None  # evaluations without a better validation loss
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (bf16/fp16 need a GPU; auto takes bf16 there)
     gradient_checkpointing: bool = False
+    # shard the model across the processes of `torchrun`/`accelerate launch` with FSDP2 instead of copying it whole
+    # into each (data-parallel); checkpoints hold the same whole trained state either way
+    fsdp: bool = False
     seed: int = 0
     # Learning-rate multipliers for RETRO's added layers, by group: gate (the CCA gates), cca_qk (CCA query/key
     # projections), cca (the rest of CCA), encoder. The default opens the gates fast, lets the queries learn where
