@@ -3,6 +3,7 @@
     python eval.py experiment configs/demo.yaml          # index, zero-shot, retro-fit, fine-tuning, table
     python eval.py zero-shot configs/finetune_gpt_lora.yaml   # GPT closed-book, GPT + neighbours, RETRO
     python eval.py checkpoint runs/gpt-lora              # a trained run on its validation questions
+    python eval.py experiment configs/demo.yaml --plan plan.sh   # the grid as one shell line per cell
 
 Scores: SQuAD exact match and F1, ROUGE-L, and answer recall@k of the neighbours (is the answer in what was
 retrieved?), which tells reader errors from retriever errors. Predictions are saved as JSONL beside the scores.
@@ -27,10 +28,34 @@ def _experiment(args) -> int:
     check_run(RunConfig(**{**exp.run, "stage": "finetune"}), index=False)  # the experiment builds a missing index
     for i, peft in enumerate(exp.peft):
         check_peft(peft, f"peft[{i}]")
-    results = run_experiment(exp)
+    if args.plan or args.prepare or args.cell:
+        return _plan_step(args, exp)
+    results = run_experiment(exp, collect_only=args.collect)
     print(results["table"])
     print(f"\nfinished in {(time.perf_counter() - started) / 60:.1f} min; results in "
           f"{load_experiment(args.file, args.overrides).output_dir}/results.md")
+    return 0
+
+
+def _plan_step(args, exp) -> int:
+    """--plan writes the grid as shell commands; --prepare and --cell run its lines (see retrotune/plan.py)."""
+    from retrotune import plan
+
+    if args.plan:
+        script = plan.plan_script(args.file, args.overrides, exp, gpus=args.gpus)
+        if args.plan == "-":
+            print(script, end="")
+        else:
+            Path(args.plan).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.plan).write_text(script)
+            Path(args.plan).chmod(0o755)
+            print(f"wrote {args.plan}: run it with bash {args.plan}, or give its --cell lines to a scheduler")
+    elif args.prepare:
+        plan.prepare_plan(exp)
+    else:
+        scores = plan.run_named_cell(exp, args.cell)
+        if scores is not None:
+            print(json.dumps({"cell": args.cell, "em": scores["em"], "f1": scores["f1"]}))
     return 0
 
 
@@ -87,6 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     experiment = commands.add_parser("experiment", help="run (or resume) an experiment YAML and print its table")
     experiment.add_argument("file")
     experiment.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.train.max_steps=10")
+    step = experiment.add_mutually_exclusive_group()
+    step.add_argument("--plan", metavar="SCRIPT", help="write the grid as a shell script (one line per cell) to "
+                                                         "SCRIPT ('-': stdout) instead of running it")
+    step.add_argument("--prepare", action="store_true", help="a plan's first line: index, retro-fit, zero-shot "
+                                                             "rows, the cells' neighbours")
+    step.add_argument("--cell", metavar="NAME", help="a plan's cell line: train and evaluate this cell only")
+    step.add_argument("--collect", action="store_true", help="a plan's last line: the table from the finished "
+                                                             "cells, training nothing")
+    experiment.add_argument("--gpus", type=int, default=1, help="with --plan: GPUs (processes) per cell")
     experiment.set_defaults(handler=_experiment)
     zero = commands.add_parser("zero-shot", help="evaluate the untrained models of a run config")
     zero.add_argument("file", help="a run config YAML (its index, data and decoder are used)")

@@ -35,7 +35,9 @@ def _train(args) -> int:
 
     config = load_config(args.config, args.overrides)
     check_run(config)  # before any model is loaded
-    from retrotune.models import default_device
+    from backbones import check_quantise, default_device
+
+    check_quantise(config.quantise, args.device)
     from retrotune.runs import train_run
 
     summary = train_run(config, device=args.device or default_device())

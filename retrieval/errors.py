@@ -2,8 +2,7 @@
 one `error: ...` line (what, where, what to do) with exit status 2; anything else is a bug and keeps its traceback.
 `--debug` shows the traceback of expected errors too.
 
-Used by `python -m retrieval`, `train.py` and `eval.py` (peft_methods, which imports nothing from the project,
-has the same few lines in its own command line).
+Used by `python -m retrieval`, `train.py` and `eval.py` and `python -m retrotune.parameter_table`.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -51,6 +52,7 @@ class _Step:
     n: int  # new tokens in this forward
     tokens: torch.Tensor | None = None  # (B, n, D) input embeddings of the new tokens (CCA's induction path)
     previous: torch.Tensor | None = None  # (B, n, D) input embeddings of the tokens before them (zeros at the start)
+    cached: bool = False  # a KV cache carries state across forwards
 
 
 class _CCAHook:
@@ -86,6 +88,7 @@ class RetroModel(nn.Module):
         self.encoder.to(device=emb.device, dtype=emb.dtype)
         self.cca.to(device=emb.device, dtype=emb.dtype)
         self._step: _Step | None = None
+        self._checkpointing: dict | None = None  # torch.utils.checkpoint kwargs while gradient checkpointing is on
         layers = decoder_layers(base)
         self._hooks = [layers[i].register_forward_hook(_CCAHook(self, i)) for i in config.cca_layers]
 
@@ -127,6 +130,45 @@ class RetroModel(nn.Module):
             for block in self.cca.values():
                 block.gate.fill_(value)
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute activations in the backward pass instead of keeping them: the base's decoder layers (through
+        HF's checkpointing, which wraps each layer's `forward` and so leaves this model's CCA hooks outside the
+        recomputed region), every CCA block and the neighbour encoder (each its own region, run from the hooks).
+        Gradients equal those of the model without it; only non-reentrant checkpointing is supported."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if kwargs["use_reentrant"]:
+            raise ValueError("RetroModel supports non-reentrant gradient checkpointing only: pass "
+                             "{'use_reentrant': False} (the default)")
+        if "__init_subclass__" not in GradientCheckpointingLayer.__dict__:
+            # older transformers wrap a layer's __call__, hooks included: the recomputed layers would lack their CCA
+            raise ValueError("RetroModel's gradient checkpointing needs a transformers release whose checkpointed "
+                             "layers keep module hooks outside the recomputed region; upgrade transformers")
+        enable = getattr(self.base, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self._checkpointing = kwargs
+
+    def gradient_checkpointing_disable(self) -> None:
+        disable = getattr(self.base, "activation_checkpointing_disable", None) or \
+            self.base.gradient_checkpointing_disable
+        disable()
+        self._checkpointing = None
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._checkpointing is not None
+
+    def _checkpointed(self, module: nn.Module, *args, **kwargs):
+        """`module(*args, **kwargs)`, recomputed in the backward pass when gradient checkpointing is on and a
+        backward pass will follow."""
+        if self._checkpointing is None or not (self.training and torch.is_grad_enabled()):
+            return module(*args, **kwargs)
+        return checkpoint(module, *args, **self._checkpointing, **kwargs)
+
     def remove_hooks(self) -> None:
         """Detach from the base model, leaving it as it was before `retrofit`."""
         for h in self._hooks:
@@ -144,10 +186,10 @@ class RetroModel(nn.Module):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("RetroModel.forward: pass exactly one of input_ids or inputs_embeds")
-        if self.training and getattr(self.base, "is_activation_checkpointing", False):
-            # recomputed layers would run outside this forward, without their CCA: gradients would be wrong
-            raise ValueError("RetroModel does not support gradient checkpointing of the base model; call "
-                             "base.activation_checkpointing_disable()")
+        if self.training and self._checkpointing is None and getattr(self.base, "is_activation_checkpointing", False):
+            raise ValueError("gradient checkpointing was switched on for RetroModel's base alone; call "
+                             "RetroModel.gradient_checkpointing_enable() instead, which checks that the recomputed "
+                             "layers keep their CCA and also checkpoints the CCA blocks and the neighbour encoder")
         B, n = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         cache = past_key_values
         if use_cache and cache is None:
@@ -164,7 +206,8 @@ class RetroModel(nn.Module):
         if neighbours is not None:
             tokens = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
             first = state.last_token if state.last_token is not None else torch.zeros_like(tokens[:, :1])
-            step = _Step(state, neighbours, attention_mask, n, tokens, torch.cat([first, tokens[:, :-1]], dim=1))
+            step = _Step(state, neighbours, attention_mask, n, tokens, torch.cat([first, tokens[:, :-1]], dim=1),
+                         cached=cache is not None)
             state.last_token = tokens[:, -1:]
         self._step = step
         try:
@@ -219,10 +262,13 @@ class RetroModel(nn.Module):
             state = step.state
             if state.encoded is None:  # no chunk finished yet: nothing to attend anywhere
                 return output
-            hidden = self.cca[str(layer)](hidden, state.encoded, state.encoded_valid, state.offset, self.chunk_size,
-                                          kv_cache=state.cca_kv.setdefault(layer, {}),
-                                          neighbour_length=state.neighbour_length, tokens=step.tokens,
-                                          previous=step.previous)
+            # a recomputed block must not find the keys and values its first run cached: without a KV cache (all
+            # that training uses) each call gets its own
+            kv_cache = state.cca_kv.setdefault(layer, {}) if step.cached else None
+            hidden = self._checkpointed(self.cca[str(layer)], hidden, state.encoded, state.encoded_valid,
+                                        state.offset, self.chunk_size, kv_cache=kv_cache,
+                                        neighbour_length=state.neighbour_length, tokens=step.tokens,
+                                        previous=step.previous)
             return hidden if isinstance(output, torch.Tensor) else (hidden,) + tuple(output[1:])
 
         return hook
@@ -249,7 +295,8 @@ class RetroModel(nn.Module):
                 chunk_valid = mask[:, start:finished * m].bool().reshape(B * c, m)
             nb = step.neighbours[:, done:finished]  # (B, c, K, R)
             K, R = nb.shape[2:]
-            enc = self.encoder(nb.reshape(B * c, K, R), self.get_input_embeddings(), chunks, chunk_valid)
+            enc = self._checkpointed(self.encoder, nb.reshape(B * c, K, R), self.get_input_embeddings(), chunks,
+                                     chunk_valid)
             enc = enc.reshape(B, c, K * R, -1)  # (B, c, K*R, E)
             valid = (nb >= 0).reshape(B, c, K * R)
             if state.encoded is not None:

@@ -1,6 +1,6 @@
 """retrotune: retrieval-augmented fine-tuning, RETRO vs GPT with prepended neighbours, side by side.
 
-This package is the foundation every stage may use: model resolution (`retrotune.models`), QA data
-(`retrotune.qa`) and answer metrics (`retrotune.metrics`).
+This package composes the stages into runs and experiments; every stage may use its QA data (`retrotune.qa`) and
+answer metrics (`retrotune.metrics`). Model resolution is the ground-floor package `backbones`.
 """
 __version__ = "0.1.0"

@@ -45,6 +45,9 @@ class TrainConfig:
     early_stopping_patience: int | None = None  # evaluations without a better validation loss
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (bf16/fp16 need a GPU; auto takes bf16 there)
     gradient_checkpointing: bool = False
+    # shard the model across the processes of `torchrun`/`accelerate launch` with FSDP2 instead of copying it whole
+    # into each (data-parallel); checkpoints hold the same whole trained state either way
+    fsdp: bool = False
     seed: int = 0
     # Learning-rate multipliers for RETRO's added layers, by group: gate (the CCA gates and null-slot scores),
     # cca_qk (content heads' query/key projections), induction (the induction path's token projections), cca (the
@@ -106,6 +109,7 @@ class RunConfig:
     embedder: str = "minilm"
     index: str = "indexes/squad-demo"
     retriever: str = "dense"  # dense, bm25 or hybrid (bm25 and hybrid need the index's bm25/)
+    quantise: str | None = None  # nf4 | int8: the frozen base quantised through bitsandbytes (QLoRA; CUDA only)
     output_dir: str = "runs/default"
     neighbours_cache: str | None = None  # where question neighbours are stored; default OUTPUT_DIR/neighbours
     init_from: str | None = None  # a retro-fit run's output folder, to fine-tune from its RETRO weights
@@ -131,6 +135,11 @@ class RunConfig:
         _need(isinstance(self.neighbours, int) and self.neighbours >= 1, f"neighbours must be >= 1, got {self.neighbours!r}")
         _need(isinstance(self.peft, dict) and "method" in self.peft,
               "peft must be a mapping with a 'method' key, e.g. {method: lora, r: 8}")
+        _need(self.quantise in (None, "nf4", "int8"),
+              f"quantise {self.quantise!r} is unknown; choose nf4 (4-bit NormalFloat, QLoRA), int8 or null")
+        _need(not (self.quantise and self.stage == "finetune" and self.peft.get("method") == "full"),
+              f"quantise={self.quantise} keeps the base frozen in low precision, and peft.method=full trains it; "
+              f"choose a PEFT method (lora, ...) or set quantise=null")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -153,19 +153,24 @@ def cell_hparams(exp: ExperimentConfig, entry: dict) -> tuple[dict, dict]:
         raise ConfigError(f"peft entry {entry}: {error}") from None
 
 
-def run_experiment(exp: ExperimentConfig) -> dict:
+def prepare(exp: ExperimentConfig) -> Path | None:
+    """What every cell needs first: the index (built when missing) and the retro-fit stage, when there is one.
+    Returns the retro-fit run's folder (or None)."""
     out = Path(exp.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     ensure_index(exp)
-    retrofit_dir = None
-    if exp.retrofit is not None:
-        retrofit_dir = out / "retrofit"
-        if not (retrofit_dir / FINAL / "run.json").is_file():
-            train_run(_run_config(exp, **{**exp.retrofit, "stage": "retrofit", "model": "retro",
-                                          "output_dir": str(retrofit_dir)}))
-    rows = zero_shot_rows(exp, out, retrofit_dir)
-    cells = []
+    if exp.retrofit is None:
+        return None
+    retrofit_dir = out / "retrofit"
+    if not (retrofit_dir / FINAL / "run.json").is_file():
+        train_run(_run_config(exp, **{**exp.retrofit, "stage": "retrofit", "model": "retro",
+                                      "output_dir": str(retrofit_dir)}))
+    return retrofit_dir
+
+
+def grid_cells(exp: ExperimentConfig, retrofit_dir: Path | None):
+    """Every cell of the grid in table order: (name, model, peft entry, train size, seed, folder, RunConfig)."""
+    out = Path(exp.output_dir)
     for model, peft, size, seed in itertools.product(exp.models, exp.peft, exp.train_sizes, exp.seeds):
         name = f"{model}-{peft['method']}-n{size or 'all'}-s{seed}"
         peft = {**peft, **exp.retro_peft} if model == "retro" else peft
@@ -174,22 +179,50 @@ def run_experiment(exp: ExperimentConfig) -> dict:
         config = _run_config(exp, model=model, peft=peft, output_dir=str(folder), data={"train_size": size},
                              train={**train, "seed": seed},
                              init_from=str(retrofit_dir) if model == "retro" and retrofit_dir else None)
-        if not (folder / FINAL / "run.json").is_file():
-            train_run(config)
-        summary = json.loads((folder / FINAL / "run.json").read_text())
+        yield name, model, peft, size, seed, folder, config
 
-        def compute():
-            qa, _, retriever = load_trained(folder)
-            validation = with_neighbours(config, retriever, qa_split(config)[1])
-            return _evaluate(qa, validation, config, folder / "eval", f"evaluate {name}", exp.controls)
 
-        scores = _cached(folder / "eval" / "scores.json", compute)
+def cell_finished(folder: Path) -> bool:
+    return (folder / FINAL / "run.json").is_file() and (folder / "eval" / "scores.json").is_file()
+
+
+def run_cell(exp: ExperimentConfig, name: str, folder: Path, config: RunConfig) -> tuple[dict, dict]:
+    """Train one cell (unless finished) and evaluate it (unless evaluated): (run summary, scores)."""
+    if not (folder / FINAL / "run.json").is_file():
+        train_run(config)
+    summary = json.loads((folder / FINAL / "run.json").read_text())
+
+    def compute():
+        qa, _, retriever = load_trained(folder)
+        validation = with_neighbours(config, retriever, qa_split(config)[1])
+        return _evaluate(qa, validation, config, folder / "eval", f"evaluate {name}", exp.controls)
+
+    return summary, _cached(folder / "eval" / "scores.json", compute)
+
+
+def run_experiment(exp: ExperimentConfig, collect_only: bool = False) -> dict:
+    """Run (or resume) the whole experiment and write its report. `collect_only`: train nothing, only read the
+    finished cells into the table (the end of a plan, `retrotune.plan`); a missing cell is an error naming it."""
+    out = Path(exp.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    retrofit_dir = prepare(exp)
+    rows = zero_shot_rows(exp, out, retrofit_dir)
+    cells, missing = [], []
+    for name, model, peft, size, seed, folder, config in grid_cells(exp, retrofit_dir):
+        if collect_only and not cell_finished(folder):
+            missing.append(name)
+            continue
+        summary, scores = run_cell(exp, name, folder, config)
         label = {"gpt": "GPT + neighbours in prompt", "retro": "RETRO"}[model]
         rows.append({"model": label, "method": peft["method"], "peft": peft,
                      "train": {k: getattr(config.train, k) for k in ("lr", "warmup_steps", "max_steps", "batch_size")},
                      "trainable_parameters": summary["trainable_parameters"]["trainable"],
                      "train_seconds": summary["train_seconds"], "train_size": size, "seed": seed, **scores})
         cells.append(folder)
+    if missing:
+        raise ConfigError(f"{len(missing)} cell(s) of {out} are not finished: {', '.join(missing)}; run their lines "
+                          f"of the plan (eval.py experiment ... --cell NAME) first, or drop --collect to run them here")
     results = {"rows": rows, "seconds": time.perf_counter() - started, "config": exp.__dict__}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     table = markdown_table(rows)

@@ -84,7 +84,7 @@ def qa_records(examples: list[QAExample], neighbours: Neighbours, with_answers: 
 
 
 def build_backbone(config: RunConfig, device: str | None = None, dtype: torch.dtype = torch.float32):
-    return load_decoder(config.decoder, dtype=dtype, device=device)
+    return load_decoder(config.decoder, dtype=dtype, device=device, quantise=config.quantise)
 
 
 def build_model(config: RunConfig, base, retriever, with_peft: bool = True):

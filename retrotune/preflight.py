@@ -16,22 +16,18 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from retrieval.errors import expected_errors as retrieval_errors
     from retrotune.pipeline import RunMismatchError
     from retrotune.qa import QADataError
+    from backbones import QuantisationUnavailable
     from retrotune.trainer import CheckpointError, NonFiniteLossError
 
-    return (ConfigError, QADataError, RunMismatchError, CheckpointError, NonFiniteLossError, *retrieval_errors())
+    return (ConfigError, QADataError, RunMismatchError, CheckpointError, NonFiniteLossError, QuantisationUnavailable,
+            *retrieval_errors())
 
 
 def check_model_name(name: str, kind: str) -> None:
     """An alias, a local folder or a hub id (without converting or loading anything)."""
-    from retrotune import models
+    from backbones import check_model_name as check
 
-    aliases = models.DECODER_ALIASES if kind == "decoder" else models.EMBEDDER_ALIASES
-    if name in aliases:
-        models._package_dir(aliases[name])  # the package that ships its files is installed
-        return
-    if Path(name).expanduser().is_dir() or models._looks_like_hub_id(name):
-        return
-    raise models._unknown(name, kind)
+    check(name, kind)
 
 
 def check_peft(peft: dict, where: str = "peft") -> None:
@@ -65,8 +61,11 @@ def check_index(index: str, corpus_hint: str = "data/squad-demo/passages.jsonl")
 
 def check_run(config: RunConfig, index: bool = True, data: bool = True) -> None:
     """Everything of `config` that can be checked without loading a model."""
+    from backbones import check_quantise
+
     check_model_name(config.decoder, "decoder")
     check_model_name(config.embedder, "embedder")
+    check_quantise(config.quantise)  # CUDA and bitsandbytes, before anything loads
     if config.stage == "finetune":
         check_peft(config.peft)
     if config.init_from and not (Path(config.init_from) / "final" / "retro").is_dir():

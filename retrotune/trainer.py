@@ -57,7 +57,13 @@ class FitResult:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    """The trained parameters by name, whole and on the CPU. Under FSDP every process must call it (gathering a
+    sharded parameter is collective)."""
+    return {name: _whole(p).detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 def _rng_state() -> dict:
@@ -180,13 +186,25 @@ def resumable_checkpoint(output_dir: Path, run_config: dict, report: Callable[[s
     return None, None
 
 
-def _save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict, run_config: dict) -> Path:
+def _checkpoint_contents(model, optimizer, sharded: bool) -> tuple[dict, dict]:
+    """(trainable parameters, optimiser state) as a checkpoint stores them; under FSDP both are gathered whole
+    (every process calls this) and the optimiser state is keyed by parameter name."""
+    if not sharded:
+        return trainable_state(model), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return trainable_state(model), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def _save_checkpoint(output_dir: Path, trainable: dict, optimizer_state: dict, scheduler, state: dict,
+                     run_config: dict, sharded: bool = False) -> Path:
     target = output_dir / f"{CHECKPOINT_PREFIX}{state['step']}"
     staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=output_dir))
     try:
-        save_file(trainable_state(model), str(staging / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-                   staging / "optimizer.pt")
+        save_file(trainable, str(staging / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                    "sharded": sharded}, staging / "optimizer.pt")
         (staging / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
         (staging / "state.json").write_text(json.dumps(state, indent=2))
         manifest = seal({"kind": "checkpoint", "step": state["step"], "files": record_files(staging, CHECKPOINT_FILES)})
@@ -283,6 +301,56 @@ def param_groups(parameters: list, named: dict[str, list] | None, lr: float, lr_
     return ([{"params": rest, "lr": lr, "name": "default"}] if rest else []) + groups
 
 
+def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules FSDP shards as units, innermost first: the decoder layers (the classes HF models name in
+    `_no_split_modules`) and RETRO's CCA blocks and neighbour encoder; the rest (embeddings, final norm, LM head)
+    stays with the root."""
+    names = {"ChunkedCrossAttention", "NeighbourEncoder"}
+    for module in model.modules():
+        names |= set(getattr(module, "_no_split_modules", None) or ())
+    units = [m for m in model.modules() if type(m).__name__ in names and m is not model]
+    return units[::-1]
+
+
+def shard(model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
+    """Shard `model` in place across the processes with FSDP2 (`torch.distributed.fsdp.fully_shard`): every unit of
+    `shard_units` and the root. Frozen and trained parameters are sharded alike; gradients are reduce-scattered, so
+    each process keeps the optimiser state of its shard only. With bf16/fp16 the units compute in that precision
+    and reduce gradients in fp32."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
+    for unit in shard_units(model):
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def _unshard(model: torch.nn.Module) -> None:
+    """Gather every sharded unit whole on every process (collective), so that what comes after training (saving,
+    counting, evaluating) sees ordinary parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant gradient checkpointing: RETRO's own (base layers, CCA blocks and neighbour encoder), or the
+    HF base model's decoder layers for the GPT baseline."""
+    retro = next((m for m in model.modules() if hasattr(m, "retro_parameter_groups")), None)
+    if retro is not None:
+        retro.gradient_checkpointing_enable()
+        return
+    base = getattr(model, "base", model)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def fit(model: torch.nn.Module, train_set: Sequence, collate: Callable, loss_fn: Callable, config: TrainConfig,
         output_dir: str | Path, run_config: dict, validate: Callable | None = None, resume: bool = True,
         named_groups: dict[str, list] | None = None) -> FitResult:
@@ -316,19 +384,15 @@ def _fit(model: torch.nn.Module, train_set: Sequence, collate: Callable, loss_fn
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     if precision != "fp32" and not torch.cuda.is_available():
         raise ValueError(f"train.precision={precision} needs a GPU; use fp32 (or auto) on CPU")
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum,
+    # cpu=True on a machine without CUDA: otherwise accelerate leaves processes launched by torchrun unconnected
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available(),
                               mixed_precision={"fp32": "no"}.get(precision, precision))
+    sharded = config.fsdp and accelerator.num_processes > 1
     seed_everything(config.seed)
     if config.gradient_checkpointing:
-        base = getattr(model, "base", model)
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    if not parameters:
+        enable_gradient_checkpointing(model)
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("no parameter requires grad: the PEFT method or stage left nothing to train")
-    optimizer = torch.optim.AdamW(param_groups(parameters, named_groups, config.lr, config.lr_scales),
-                                  lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps,
-                              num_training_steps=config.max_steps)
     metrics = _Metrics(output_dir, accelerator.is_main_process)
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_val_loss": None, "bad_evals": 0, "seconds": 0.0}
     checkpoint, contents = None, None
@@ -336,13 +400,37 @@ def _fit(model: torch.nn.Module, train_set: Sequence, collate: Callable, loss_fn
         checkpoint, contents = resumable_checkpoint(
             output_dir, run_config, report=lambda m: accelerator.print(m, file=sys.stderr))
     if checkpoint is not None:
-        load_trainable(model, checkpoint / "trainable.safetensors", contents["trainable"])
+        load_trainable(model, checkpoint / "trainable.safetensors", contents["trainable"])  # before sharding
         saved = contents["saved"]
-        optimizer.load_state_dict(saved["optimizer"])
+        if bool(saved.get("sharded")) != sharded:
+            raise CheckpointError(f"{checkpoint} was written {'with' if saved.get('sharded') else 'without'} FSDP "
+                                  f"and this run is {'sharded' if sharded else 'not sharded'}; resume it with the "
+                                  f"same train.fsdp setting and process count, or pick a new output_dir")
+    if sharded:  # FSDP replaces the parameters: the optimiser and the named groups are made after it, by name
+        group_names = {name: [n for n, p in model.named_parameters() if id(p) in {id(q) for q in params}]
+                       for name, params in (named_groups or {}).items()}
+        shard(model, accelerator.device, precision)
+        by_name = dict(model.named_parameters())
+        named_groups = {name: [by_name[n] for n in names] for name, names in group_names.items()}
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(param_groups(parameters, named_groups, config.lr, config.lr_scales),
+                                  lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps,
+                              num_training_steps=config.max_steps)
+    if checkpoint is not None:
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = contents["state"]
         metrics.truncate_after(state["step"])
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:  # sharded already; accelerate keeps the process group, data sharding and accumulation
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     if checkpoint is not None:
         _set_rng_state(saved["rng"])
 
@@ -397,9 +485,11 @@ def _fit(model: torch.nn.Module, train_set: Sequence, collate: Callable, loss_fn
                 stopped_early = patience is not None and state["bad_evals"] >= patience
             metrics.log(row)
             state["seconds"] = time.perf_counter() - started
-            if accelerator.is_main_process and (state["step"] % config.save_every == 0 or done or stopped_early):
-                last_good = _save_checkpoint(output_dir, accelerator.unwrap_model(model), optimizer, scheduler,
-                                             state, run_config)
+            if state["step"] % config.save_every == 0 or done or stopped_early:
+                trainable, optimizer_state = _checkpoint_contents(accelerator.unwrap_model(model), optimizer, sharded)
+                if accelerator.is_main_process:
+                    last_good = _save_checkpoint(output_dir, trainable, optimizer_state, scheduler, state,
+                                                 run_config, sharded)
             accelerator.wait_for_everyone()
             if done or stopped_early:
                 break
@@ -408,5 +498,7 @@ def _fit(model: torch.nn.Module, train_set: Sequence, collate: Callable, loss_fn
             state["batches_in_epoch"] = 0
     progress.close()
     metrics.close()
+    if sharded:
+        _unshard(model)
     return FitResult(steps=state["step"], history=metrics.history(), seconds=state["seconds"],
                      stopped_early=stopped_early)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import TINY_VOCAB
-from retrotune import models
+from backbones import resolve as models
 
 
 def test_unknown_name_lists_aliases_and_where_it_looked(tmp_path):

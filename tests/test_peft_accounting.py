@@ -259,7 +259,7 @@ def test_llama2_7b_loretta_presets_by_hand(llama2_7b_on_meta):
 
 @pytest.mark.integration
 def test_counts_and_no_op_on_the_default_decoder():
-    from retrotune.models import load_decoder
+    from backbones import load_decoder
 
     model, tokenizer = load_decoder()
     ids = tokenizer(["Retrieval helps small models answer"], return_tensors="pt")["input_ids"]

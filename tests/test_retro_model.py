@@ -159,7 +159,7 @@ def test_cached_forward_matches_full_forward(tiny_lm):
 
 @pytest.mark.integration
 def test_retrofit_smollm2_default_layers_and_identity():
-    from retrotune.models import load_decoder
+    from backbones import load_decoder
 
     base, tok = load_decoder("smollm2-135m")
     model = retrofit(base, RetroConfig())

@@ -15,13 +15,15 @@ CONFIG = str(ROOT / "configs" / "finetune_gpt_lora.yaml")
 @pytest.fixture(autouse=True)
 def no_model_loading(monkeypatch):
     """Any model load fails the test: every check below must come first."""
+    import backbones
+    import backbones.resolve
     import retrotune.models
     import retrotune.pipeline
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    for module in (retrotune.models, retrotune.pipeline):
+    for module in (backbones, backbones.resolve, retrotune.models, retrotune.pipeline):
         monkeypatch.setattr(module, "load_decoder", refuse)
         monkeypatch.setattr(module, "load_embedder", refuse)
 
@@ -87,7 +89,7 @@ def test_eval_errors(capsys, tmp_path):
 
 def test_retrieval_and_peft_table_errors(capsys, tmp_path, monkeypatch):
     monkeypatch.undo()  # the table loads its model by name: the name is what fails here
-    from peft_methods.table import main as table_main
+    from retrotune.parameter_table import main as table_main
     from retrieval.__main__ import main as retrieval_main
 
     assert retrieval_main(["search", "--index", str(tmp_path / "none"), "query"]) == 2

