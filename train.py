@@ -36,7 +36,7 @@ def _train(args) -> int:
     config = load_config(args.config, args.overrides)
     check_run(config)  # before any model is loaded
     from retrotune.models import default_device
-    from retrotune.runs import train_run
+    from retrotune.cell import train_run
 
     summary = train_run(config, device=args.device or default_device())
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the first process reports

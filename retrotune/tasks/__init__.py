@@ -99,18 +99,18 @@ def load_examples(task: Task, source: str | None, split: str = "train") -> list[
 
 def task_split(task: Task, source: str | None, train_split: str = "train", eval_split: str = "validation",
                validation_groups: list[str] | None = None, validation_fraction: float = 0.25, seed: int = 0,
-               train_size: int | None = None, validation_size: int | None = None, eval_source: str | None = None):
+               train_size: int | None = None, validation_size: int | None = None, eval_source: str | None = None,
+               with_train: bool = True):
     """(train, evaluation) examples. A source with named splits (a folder of split files, a hub dataset) or a
     separate `eval_source` gives the evaluation split as released; a single file is split by group (article or
-    document), so no document is shared between training and evaluation. Each side is cut to its data scale."""
-    hub_source = source if source is not None else (task.hub[0] if task.hub else None)
-    named = eval_source is None and hub_source is not None and task.name != "squad_open" \
-        and has_split(hub_source, eval_split)
+    document), so no document is shared between training and evaluation. Each side is cut to its data scale;
+    `with_train=False` reads the evaluation side only (train is then [])."""
+    source = source if source is not None else (task.hub[0] if task.hub else None)
+    named = eval_source is None and source is not None and task.name != "squad_open" and has_split(source, eval_split)
     if eval_source is not None or named:
-        train = load_examples(task, hub_source, train_split)
-        evaluation = load_examples(task, eval_source or hub_source, eval_split if named else train_split)
+        train = load_examples(task, source, train_split) if with_train else []
+        evaluation = load_examples(task, eval_source or source, eval_split)
     else:
-        split = split_by_group(load_examples(task, hub_source, train_split), validation_groups,
-                               validation_fraction, seed)
-        train, evaluation = split.train, split.validation
+        split = split_by_group(load_examples(task, source, train_split), validation_groups, validation_fraction, seed)
+        train, evaluation = (split.train if with_train else []), split.validation
     return take(train, train_size, seed), take(evaluation, validation_size, seed)

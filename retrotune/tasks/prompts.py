@@ -30,12 +30,12 @@ def first_answer(example: QAExample) -> str:
     return example.answers[0]
 
 
-def option_text(example: QAExample, index: int) -> str:
+def option_text(options, index: int) -> str:
     """An option as the model answers it: '(B) the option's text'."""
-    return f"({LETTERS[index]}) {example.options[index]}"
+    return f"({LETTERS[index]}) {options[index]}"
 
 
 def option_answer(example: QAExample) -> str:
     if example.label is None:
         raise ValueError(f"example {example.id}: no gold option (a test split?); it can be evaluated, not trained on")
-    return option_text(example, example.label)
+    return option_text(example.options, example.label)
