@@ -175,10 +175,15 @@ def run_cell(grid: GridConfig, task: str, base: dict, model: str, method, seed: 
             **cost, **scores}
 
 
+def task_order(grid: GridConfig) -> list[str]:
+    """The grid's tasks in the paper's column order, any others after them."""
+    return sorted(grid.tasks, key=lambda t: (PAPER_TASKS.index(t) if t in PAPER_TASKS else len(PAPER_TASKS), t))
+
+
 def select(grid: GridConfig, cells: list[str] | None = None, methods: list[str] | None = None):
     """The (task, base, model, method) cells to run, in table order; `cells` by name, `methods` by label."""
     every = [(task, base, model, method) for base in grid.base_models for model in grid.models
-             for method in grid.methods for task in grid.tasks]
+             for method in grid.methods for task in task_order(grid)]
     names = {cell_name(*c): c for c in every}
     if cells:
         unknown = [c for c in cells if c not in names]
@@ -202,7 +207,7 @@ def run_grid(grid: GridConfig, cells: list[str] | None = None, methods: list[str
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    table = paper_table(rows, list(grid.tasks), {name: TASKS[name].title for name in grid.tasks})
+    table = paper_table(rows, task_order(grid), {name: TASKS[name].title for name in grid.tasks})
     results = {"rows": rows, "seconds": time.perf_counter() - started, "device": device,
                "config": grid.__dict__}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
