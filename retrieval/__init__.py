@@ -16,7 +16,8 @@ from .precompute import PrecomputedNeighbours, precompute_neighbours
 from .retriever import Retriever, SearchResult
 
 __all__ = [
-    "BuildConfig", "BuildLockedError", "BuildSettingsError", "ChunkDB", "CorpusError", "CorpusSpec", "Document", "DocumentIndex",
+    "BuildConfig", "BuildLockedError", "BuildSettingsError", "ChunkDB", "CorpusError", "CorpusSpec", "Document",
+    "DocumentIndex",
     "EmbeddingStateError", "IncompleteIndexError", "IndexConfig", "IndexCorruptError", "IndexMismatchError",
     "IntegrityError", "PAD", "PrecomputedNeighbours", "Retriever",
     "SearchResult", "build_index", "choose_factory", "chunk_documents", "evaluate_beir", "evaluate_qa", "has_answer",

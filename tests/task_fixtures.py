@@ -45,7 +45,8 @@ def triviaqa_row(i: int, question: str, answers: list[str]) -> dict:
             "entity_pages": {"doc_source": [], "filename": [], "title": [], "wiki_context": []},
             "search_results": {"description": [], "filename": [], "rank": [], "title": [], "url": [],
                                "search_context": []},
-            "answer": {"aliases": answers[1:] + [answers[0].upper()], "normalized_aliases": [a.lower() for a in answers],
+            "answer": {"aliases": answers[1:] + [answers[0].upper()],
+                       "normalized_aliases": [a.lower() for a in answers],
                        "matched_wiki_entity_name": "", "normalized_matched_wiki_entity_name": "",
                        "normalized_value": answers[0].lower(), "type": "WikipediaEntity", "value": answers[0]}}
 

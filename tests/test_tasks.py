@@ -95,7 +95,8 @@ def test_qmsum_reads_the_release_folder_of_meetings(tmp_path):
     assert len(examples) == 4  # two meetings, a general and a specific query each
     # files in name order: bread_1.json, stars_0.json; a meeting's id is its file name
     assert examples[0].question == "Summarize the whole meeting." and examples[0].answers == (fx.document("bread"),)
-    assert examples[0].document.startswith("Alice: Bakers mix flour") and "\nBob: The dough rises" in examples[0].document
+    transcript = examples[0].document
+    assert transcript.startswith("Alice: Bakers mix flour") and "\nBob: The dough rises" in transcript
     assert [e.document_id for e in examples] == ["bread_1", "bread_1", "stars_0", "stars_0"]
 
 

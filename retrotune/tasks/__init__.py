@@ -27,7 +27,7 @@ class Task:
     metrics: tuple[str, ...]  # what evaluation reports (retrotune/metrics.py: score_task)
     score: str  # the one number in the paper-layout table
     max_new_tokens: int  # generation length
-    read: Callable  # [(where, row)] -> [QAExample]
+    read: Callable | None  # [(where, row)] -> [QAExample]; None: retrotune.qa.load_qa (SQuAD JSON, JSONL, hub)
     prompt: Callable[[QAExample], str] = prompts.question
     answer: Callable[[QAExample], str] = prompts.first_answer  # the training target
     hub: tuple[str, str | None] | None = None  # (dataset id, configuration) on the Hugging Face hub
@@ -60,12 +60,8 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def _read_squad(rows):
-    raise AssertionError("squad_open reads through retrotune.qa.load_qa")  # never called: see load_examples
-
-
 OPEN_QA = ("em", "f1", "rouge_l")
-register_task(Task("squad_open", "corpus", OPEN_QA, "f1", 16, _read_squad, title="SQuAD-open"))
+register_task(Task("squad_open", "corpus", OPEN_QA, "f1", 16, None, title="SQuAD-open"))
 register_task(Task("nq_open", "corpus", OPEN_QA, "em", 16, schemas.read_nq_open,
                    hub=("google-research-datasets/nq_open", None), title="NQ"))
 register_task(Task("triviaqa", "corpus", OPEN_QA, "em", 16, schemas.read_triviaqa,
@@ -85,7 +81,7 @@ PAPER_TASKS = ("nq_open", "triviaqa", "narrativeqa", "qasper", "quality", "qmsum
 
 def load_examples(task: Task, source: str | None, split: str = "train") -> list[QAExample]:
     """Examples of `split` from `source` (a file, a folder of split files, a hub id; None: the task's hub id)."""
-    if task.name == "squad_open":
+    if task.read is None:
         return load_qa(source or "data/squad-demo", split)
     if source is None:
         if task.hub is None:
@@ -106,7 +102,7 @@ def task_split(task: Task, source: str | None, train_split: str = "train", eval_
     document), so no document is shared between training and evaluation. Each side is cut to its data scale;
     `with_train=False` reads the evaluation side only (train is then [])."""
     source = source if source is not None else (task.hub[0] if task.hub else None)
-    named = eval_source is None and source is not None and task.name != "squad_open" and has_split(source, eval_split)
+    named = eval_source is None and source is not None and task.read is not None and has_split(source, eval_split)
     if eval_source is not None or named:
         train = load_examples(task, source, train_split) if with_train else []
         evaluation = load_examples(task, eval_source or source, eval_split)
