@@ -74,9 +74,16 @@ class GridConfig:
         for m in self.methods:
             if m != ZERO_SHOT and not (isinstance(m, dict) and "method" in m):
                 raise ConfigError(f"methods: {m!r} must be {ZERO_SHOT!r} or a PEFT entry such as {{method: lora}}")
+        from retrotune.preflight import check_peft
+
+        for i, m in enumerate(self.methods):
+            if m != ZERO_SHOT:
+                check_peft({k: v for k, v in m.items() if k != "name"}, f"methods[{i}]")
         for name in self.tasks:  # every cell's config is checked before anything runs
             for base in self.base_models:
-                cell_config(self, name, base, "retro", {"method": "lora"}, 0)
+                for model in self.models:
+                    for method in self.methods:
+                        cell_config(self, name, base, model, method, 0)
 
 
 def base_name(base: dict) -> str:
@@ -151,12 +158,16 @@ def retrofit(grid: GridConfig, base: dict) -> None:
     train_run(RunConfig(**values))
 
 
-def run_cell(grid: GridConfig, task: str, base: dict, model: str, method, seed: int = 0) -> dict:
-    """One cell: zero-shot evaluation, or training (stages 1-4) then evaluation (5); a results row."""
+def run_cell(grid: GridConfig, task: str, base: dict, model: str, method, seed: int = 0,
+             finished_only: bool = False) -> dict | None:
+    """One cell: zero-shot evaluation, or training (stages 1-4) then evaluation (5); a results row.
+    `finished_only`: the row of a cell that has run before, else None (nothing runs)."""
     from retrotune.cell import evaluate_run, evaluate_untrained, train_run
 
     config = cell_config(grid, task, base, model, method, seed)
     folder = Path(config.output_dir)
+    if finished_only and not (folder / "eval" / "scores.json").is_file():
+        return None
     if model == "retro":
         retrofit(grid, base)
     if method == ZERO_SHOT:
@@ -200,17 +211,22 @@ def select(grid: GridConfig, cells: list[str] | None = None, methods: list[str] 
 
 
 def run_grid(grid: GridConfig, cells: list[str] | None = None, methods: list[str] | None = None) -> dict:
+    """Run the selected cells (all by default) and return their table; `paper_table.md` and `results.json` hold
+    every finished cell of the grid, so running cells one by one builds up the whole table."""
+    import torch
+
     started = time.perf_counter()
     out = Path(grid.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [run_cell(grid, *cell, seed) for cell in select(grid, cells, methods) for seed in grid.seeds]
-    import torch
-
+    finished = [row for cell in select(grid) for seed in grid.seeds
+                if (row := run_cell(grid, *cell, seed, finished_only=True)) is not None]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    table = paper_table(rows, task_order(grid), {name: TASKS[name].title for name in grid.tasks})
-    results = {"rows": rows, "seconds": time.perf_counter() - started, "device": device,
+    titles = {name: TASKS[name].title for name in grid.tasks}
+    table = paper_table(rows, task_order(grid), titles)
+    results = {"rows": finished, "seconds": time.perf_counter() - started, "device": device,
                "config": grid.__dict__}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    (out / "paper_table.md").write_text(f"{table}\n\ntrain hours on {device}; tokens/s: generated answer tokens per "
-                                        f"second at evaluation\n")
-    return {"table": table, **results}
+    (out / "paper_table.md").write_text(f"{paper_table(finished, task_order(grid), titles)}\n\ntrain hours on "
+                                        f"{device}; tokens/s: generated answer tokens per second at evaluation\n")
+    return {"table": table, **results, "rows": rows}

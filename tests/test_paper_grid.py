@@ -87,5 +87,22 @@ def test_one_cell_and_the_zero_shot_row_by_name(grid_file, capsys):
     assert cli.main(["paper", str(grid_file), "--zero-shot"]) == 0
     table = capsys.readouterr().out
     assert table.count("| zero_shot |") == 2 and "| lora |" not in table
+    whole = (Path(yaml.safe_load(grid_file.read_text())["output_dir"]) / "paper_table.md").read_text()
+    assert whole.count("\n| ") == 2 * 5  # the file keeps every finished cell of the grid
     assert cli.main(["paper", str(grid_file), "--cell", "qasper/tiny/retro/bitfit"]) == 2
     assert "not in the grid" in capsys.readouterr().err
+
+
+def test_a_bad_grid_is_refused_before_anything_runs():
+    from retrotune.config import ConfigError
+    from retrotune.grid import GridConfig
+
+    with pytest.raises(ConfigError, match=r"tasks: \['squad'\] unknown; choose from"):
+        GridConfig(tasks={"squad": {}})
+    with pytest.raises(ConfigError, match="not a known PEFT method"):
+        GridConfig(methods=["zero_shot", {"method": "lorax"}])
+    with pytest.raises(ConfigError, match=r"base_models\[0\] must be a mapping with 'decoder'"):
+        GridConfig(base_models=["smollm2-135m"])
+    with pytest.raises(ConfigError, match=r"cell nq_open/s/gpt/lora: train.max_steps must be a positive integer"):
+        GridConfig(tasks={"nq_open": {"train": {"max_steps": 0}}}, base_models=[{"name": "s", "decoder": "x"}],
+                   methods=[{"method": "lora"}])
