@@ -1,12 +1,17 @@
-"""Evaluate RETRO and the GPT baseline on open-domain QA, or run a whole side-by-side experiment.
+"""Evaluate RETRO and the GPT baseline on a task, or run a whole side-by-side experiment or the paper's grid.
 
     python eval.py experiment configs/demo.yaml          # index, zero-shot, retro-fit, fine-tuning, table
     python eval.py zero-shot configs/finetune_gpt_lora.yaml   # GPT closed-book, GPT + neighbours, RETRO
     python eval.py checkpoint runs/gpt-lora              # a trained run on its validation questions
     python eval.py experiment configs/demo.yaml --plan plan.sh   # the grid as one shell line per cell
+    python eval.py checkpoint runs/gpt-lora --index indexes/other --task nq_open --qa nq/validation.jsonl
+    python eval.py paper configs/paper.yaml              # the paper's grid and its table
+    python eval.py paper configs/paper.yaml --cell qasper/smollm2-135m/retro/lora
+    python eval.py paper configs/paper.yaml --zero-shot  # the zero-shot row of every task
 
-Scores: SQuAD exact match and F1, ROUGE-L, and answer recall@k of the neighbours (is the answer in what was
-retrieved?), which tells reader errors from retriever errors. Predictions are saved as JSONL beside the scores.
+Scores, by task: exact match and F1 over all answer aliases, ROUGE-1/2/L and their geometric mean, multiple-choice
+accuracy (by option likelihood and by generated letter), and answer recall@k of the neighbours (is the answer in
+what was retrieved?), which tells reader errors from retriever errors. Predictions are saved as JSONL beside the scores.
 Bad input is reported as one `error: ...` line with exit status 2 (`--debug`: traceback).
 """
 from __future__ import annotations
@@ -76,9 +81,9 @@ def _zero_shot(args) -> int:
 
 
 def _checkpoint(args) -> int:
-    from retrotune.qa import load_qa, take
-    from retrotune.runs import evaluate_qa, load_trained, qa_split, with_neighbours, write_jsonl
-    from retrotune import pipeline
+    import shutil
+
+    from retrotune.cell import evaluate_run
     from retrotune.preflight import check_index
 
     if not (Path(args.run) / "final" / "run.json").is_file():
@@ -86,23 +91,23 @@ def _checkpoint(args) -> int:
                                 f"with the same train.py command")
     if args.index:
         check_index(args.index)
-    if args.qa:
-        load_qa(args.qa)
-    qa, summary, retriever = load_trained(Path(args.run), config_index=args.index, decoder=args.decoder)
-    from retrotune.config import RunConfig
-
-    config = RunConfig(**{**summary["config"], **{k: v for k, v in (("index", args.index), ("decoder", args.decoder)) if v}})
-    out = Path(args.run) / "eval"
-    if args.qa:
-        examples = take(load_qa(args.qa), args.limit)
-        records = pipeline.qa_records(examples, pipeline.question_neighbours(retriever, examples, config.neighbours,
-                                                                              out / "neighbours"), with_answers=False)
-    else:
-        records = with_neighbours(config, retriever, qa_split(config)[1][:args.limit])
-    scores, rows = evaluate_qa(qa, records, config.eval_batch_size, config.max_new_tokens, config.neighbours)
-    write_jsonl(out / "predictions.jsonl", rows)
+    out = Path(args.out) if args.out else Path(args.run) / "eval"
+    for part in ("true", "shuffled", "none"):  # evaluated afresh: another index or task must not read old scores
+        shutil.rmtree(out / part, ignore_errors=True)
+    scores = evaluate_run(Path(args.run), out, controls=args.controls, index=args.index, decoder=args.decoder,
+                          task=args.task, eval_qa=args.qa, validation_size=args.limit)
     (out / "scores.json").write_text(json.dumps(scores, indent=2))
     print(json.dumps(scores, indent=2))
+    return 0
+
+
+def _paper(args) -> int:
+    from retrotune.grid import load_grid, run_grid
+
+    grid = load_grid(args.file, args.overrides)
+    results = run_grid(grid, cells=args.cell, methods=["zero_shot"] if args.zero_shot else args.methods)
+    print(results["table"])
+    print(f"\nfinished in {results['seconds'] / 60:.1f} min; table in {grid.output_dir}/paper_table.md")
     return 0
 
 
@@ -132,12 +137,27 @@ def main(argv: list[str] | None = None) -> int:
     zero.set_defaults(handler=_zero_shot)
     checkpoint = commands.add_parser("checkpoint", help="evaluate a trained run")
     checkpoint.add_argument("run", help="the run's output_dir (holding final/)")
-    checkpoint.add_argument("--index", help="evaluate against this index (refused unless it is the training index)")
+    checkpoint.add_argument("--index", help="evaluate against this index: another corpus is recorded beside the "
+                                            "scores; refused only if its tokenizer or chunk size differs")
     checkpoint.add_argument("--decoder", help="the base model to load it onto (refused unless the training base)")
-    checkpoint.add_argument("--qa", help="other QA questions to evaluate on (default: the run's validation split)")
-    checkpoint.add_argument("--limit", type=int, help="evaluate only the first N questions")
+    checkpoint.add_argument("--task", help="evaluate on another task (default: the run's)")
+    checkpoint.add_argument("--qa", help="other questions to evaluate on, in the task's schema (default: the run's "
+                                         "evaluation split)")
+    checkpoint.add_argument("--limit", type=int, help="evaluate only N questions")
+    checkpoint.add_argument("--controls", nargs="*", default=[], choices=["shuffled", "none"],
+                            help="also score with shuffled neighbours and with none")
+    checkpoint.add_argument("--out", help="output folder (default: RUN/eval)")
     checkpoint.set_defaults(handler=_checkpoint)
-    for command in (experiment, zero, checkpoint):
+    paper = commands.add_parser("paper", help="run the paper's grid (tasks x base models x GPT/RETRO x methods), "
+                                              "or some of its cells, and print the paper-layout table")
+    paper.add_argument("file", help="a grid YAML, e.g. configs/paper.yaml")
+    paper.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.train.max_steps=10")
+    paper.add_argument("--cell", nargs="+", help="only these cells, by name: TASK/BASE/MODEL/METHOD "
+                                                 "(e.g. qasper/smollm2-135m/retro/lora)")
+    paper.add_argument("--zero-shot", action="store_true", help="only the zero-shot row, for every task")
+    paper.add_argument("--methods", nargs="+", help="only these methods (their labels in the grid)")
+    paper.set_defaults(handler=_paper)
+    for command in (experiment, zero, checkpoint, paper):
         command.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
     args = parser.parse_args(argv)
     from retrieval.errors import run_cli

@@ -38,7 +38,7 @@ def _train(args) -> int:
     from backbones import check_quantise, default_device
 
     check_quantise(config.quantise, args.device)
-    from retrotune.runs import train_run
+    from retrotune.cell import train_run
 
     summary = train_run(config, device=args.device or default_device())
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the first process reports

@@ -6,6 +6,7 @@ Knows only text, tokens and vectors: callers pass a decoder tokenizer and a Sent
 from .build import BuildConfig, BuildLockedError, BuildSettingsError, build_index, is_index
 from .chunks import PAD, ChunkDB, chunk_documents
 from .corpus import CorpusError, CorpusSpec, Document, load_corpus, read_beir, read_jsonl, read_txt_folder
+from .document import DocumentIndex
 from .embed import EmbeddingStateError
 from .evaluation import evaluate_beir, evaluate_qa, has_answer, normalize_answer
 from .index import IndexConfig, choose_factory
@@ -16,6 +17,7 @@ from .retriever import Retriever, SearchResult
 
 __all__ = [
     "BuildConfig", "BuildLockedError", "BuildSettingsError", "ChunkDB", "CorpusError", "CorpusSpec", "Document",
+    "DocumentIndex",
     "EmbeddingStateError", "IncompleteIndexError", "IndexConfig", "IndexCorruptError", "IndexMismatchError",
     "IntegrityError", "PAD", "PrecomputedNeighbours", "Retriever",
     "SearchResult", "build_index", "choose_factory", "chunk_documents", "evaluate_beir", "evaluate_qa", "has_answer",

@@ -1,11 +1,13 @@
 """Question answering with RETRO and with the GPT baseline behind one contract that train.py and eval.py share.
 
-Takes examples (mappings or objects with `question`, optional `answer`, `neighbour_tokens` (K, R) ids -1 padded,
-`neighbour_texts` list[str]); gives batches of tensors, a loss and generated answer strings:
+Takes examples (mappings or objects with `question`, optional `prompt` (a task's template text, asked instead of
+'Question: <question>'), optional `answer`, `neighbour_tokens` (K, R) ids -1 padded, `neighbour_texts` list[str]);
+gives batches of tensors, a loss, answer log-likelihoods and generated answer strings:
 
     qa = RetroQA(retro_model, tokenizer)   or   GPTQA(hf_model, tokenizer, num_neighbours=k)
     batch = qa.encode_batch(examples)      # dict of tensors
     qa.loss(batch)                         # mean cross-entropy over answer tokens only
+    qa.answer_log_likelihood(batch)        # (B,) summed log-probability of each answer (multiple-choice scoring)
     qa.generate(batch, max_new_tokens)     # list[str], one per example, from the prompt part of the batch
 
 Layout (RETRO's QA fine-tuning): the prompt is left-padded so that it ends on a chunk boundary and the answer starts
@@ -83,12 +85,14 @@ def qa_layout(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]
     return batch
 
 
-def format_question(question: str, tokenizer, passages: Sequence[str] | None = None) -> list[int]:
-    """Prompt token ids: the chat template's user turn when the tokenizer has one, else 'Question: ...\\nAnswer:'."""
+def format_question(question: str, tokenizer, passages: Sequence[str] | None = None,
+                    prompt: str | None = None) -> list[int]:
+    """Prompt token ids: the chat template's user turn when the tokenizer has one, else '...\\nAnswer:'. The
+    text asked is `prompt` (a task's template, e.g. a question with its options) or else 'Question: <question>'."""
     content = ""
     if passages:
         content = "".join(f"[{i + 1}] {p}\n" for i, p in enumerate(passages)) + "\n"
-    content += f"Question: {question.strip()}"
+    content += prompt.strip() if prompt else f"Question: {question.strip()}"
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
@@ -112,7 +116,8 @@ def _equal_shares(lengths: Sequence[int], budget: int) -> list[int]:
     return shares
 
 
-def gpt_prompt(question: str, neighbour_texts: Sequence[str], tokenizer, budget: int) -> list[int]:
+def gpt_prompt(question: str, neighbour_texts: Sequence[str], tokenizer, budget: int,
+               prompt: str | None = None) -> list[int]:
     """The GPT baseline's prompt: neighbour passages, then the question, within `budget` tokens.
 
     Truncation rule: the question (and the template around it) is never truncated; the tokens left in the budget are
@@ -121,18 +126,19 @@ def gpt_prompt(question: str, neighbour_texts: Sequence[str], tokenizer, budget:
     """
     texts = [t for t in neighbour_texts if t and t.strip()]
     if not texts:
-        return format_question(question, tokenizer)
-    overhead = len(format_question(question, tokenizer, ["" for _ in texts]))
+        return format_question(question, tokenizer, prompt=prompt)
+    overhead = len(format_question(question, tokenizer, ["" for _ in texts], prompt))
     toks = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     room = budget - overhead
     for _ in range(4):  # re-tokenising at passage edges can add a token or two; shrink until it fits
         shares = _equal_shares([len(t) for t in toks], room)
         kept = [tokenizer.decode(t[:s]) for t, s in zip(toks, shares) if s > 0]
-        ids = format_question(question, tokenizer, kept) if kept else format_question(question, tokenizer)
+        ids = format_question(question, tokenizer, kept, prompt) if kept \
+            else format_question(question, tokenizer, prompt=prompt)
         if len(ids) <= budget or not kept:
             return ids
         room -= len(ids) - budget
-    return format_question(question, tokenizer)
+    return format_question(question, tokenizer, prompt=prompt)
 
 
 def _decode(tokenizer, tokens: torch.Tensor) -> list[str]:
@@ -181,7 +187,7 @@ class RetroQA:
     def encode_batch(self, examples, tokenizer=None) -> dict[str, torch.Tensor]:
         tok = tokenizer or self.tokenizer
         cfg = self.retro_config
-        prompts = [format_question(_field(ex, "question"), tok) for ex in examples]
+        prompts = [format_question(_field(ex, "question"), tok, prompt=_field(ex, "prompt")) for ex in examples]
         if self.max_prompt_tokens:
             prompts = [p[-self.max_prompt_tokens:] for p in prompts]
         answers = _answers(examples)
@@ -195,6 +201,10 @@ class RetroQA:
         dev = self.model.get_input_embeddings().weight.device
         keys = ("input_ids", "attention_mask", "position_ids", "neighbours", "labels")
         return self.model(**{k: batch[k].to(dev) for k in keys}).loss
+
+    def answer_log_likelihood(self, batch: dict) -> torch.Tensor:
+        return _answer_log_likelihood(self.model, batch, ("input_ids", "attention_mask", "position_ids",
+                                                          "neighbours"))
 
     def generate(self, batch: dict, max_new_tokens: int = 32, **kwargs) -> list[str]:
         return _answer(self.model, self.tokenizer, batch, self.retro_config.chunk_size, max_new_tokens,
@@ -213,7 +223,7 @@ class GPTQA:
     def encode_batch(self, examples, tokenizer=None) -> dict[str, torch.Tensor]:
         tok = tokenizer or self.tokenizer
         prompts = [gpt_prompt(_field(ex, "question"), list(_field(ex, "neighbour_texts") or [])[:self.num_neighbours],
-                              tok, self.budget) for ex in examples]
+                              tok, self.budget, _field(ex, "prompt")) for ex in examples]
         answers = _answers(examples)
         return qa_layout(prompts, None if answers is None else [format_answer(a, tok) for a in answers], 1,
                          _pad_id(tok))
@@ -224,6 +234,9 @@ class GPTQA:
         dev = self.model.get_input_embeddings().weight.device
         keys = ("input_ids", "attention_mask", "position_ids", "labels")
         return self.model(**{k: batch[k].to(dev) for k in keys}).loss
+
+    def answer_log_likelihood(self, batch: dict) -> torch.Tensor:
+        return _answer_log_likelihood(self.model, batch, ("input_ids", "attention_mask", "position_ids"))
 
     def generate(self, batch: dict, max_new_tokens: int = 32, **kwargs) -> list[str]:
         return _answer(self.model, self.tokenizer, batch, 1, max_new_tokens, **kwargs)
@@ -241,6 +254,25 @@ def _answer(model, tokenizer, batch: dict, chunk_size: int, max_new_tokens: int,
     finally:
         model.train(was_training)
     return _decode(tokenizer, new)
+
+
+@torch.no_grad()
+def _answer_log_likelihood(model, batch: dict, keys: tuple[str, ...]) -> torch.Tensor:
+    """(B,) summed log-probability of each example's answer tokens (its labels) given its prompt: how a multiple-
+    choice option is scored."""
+    if "labels" not in batch:
+        raise ValueError("answer_log_likelihood: the batch has no labels; encode examples that carry an `answer`")
+    dev = model.get_input_embeddings().weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(**{k: batch[k].to(dev) for k in keys}).logits.float()  # (B, T, V)
+    finally:
+        model.train(was_training)
+    labels = batch["labels"].to(dev)[:, 1:]  # (B, T-1): token t+1 is predicted at t
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (picked * (labels != IGNORE)).sum(-1).cpu()
 
 
 def _pad_id(tokenizer) -> int:

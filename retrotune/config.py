@@ -82,7 +82,10 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    qa: str = "data/squad-demo"  # QA file/folder/dataset for the finetune stage
+    qa: str = "data/squad-demo"  # the task's data: a file, a folder of split files or a Hugging Face dataset id
+    eval_qa: str | None = None  # a separate evaluation file; None: the source's eval_split, or a split by group
+    train_split: str = "train"  # split names in a folder of split files or a hub dataset
+    eval_split: str = "validation"
     train_size: int | None = None  # the data-scale axis: None = all training questions
     validation_groups: list[str] | None = None  # articles held out; None = a seeded share of them
     validation_fraction: float = 0.25
@@ -105,6 +108,7 @@ class DataConfig:
 class RunConfig:
     stage: str = "finetune"
     model: str = "retro"
+    task: str = "squad_open"  # retrotune.tasks: squad_open, nq_open, triviaqa, narrativeqa, qasper, quality, qmsum
     decoder: str = "smollm2-135m"
     embedder: str = "minilm"
     index: str = "indexes/squad-demo"
@@ -116,7 +120,7 @@ class RunConfig:
     neighbours: int = 2  # K, the same for both models
     retro: dict = field(default_factory=dict)  # RetroConfig fields
     peft: dict = field(default_factory=lambda: {"method": "lora"})  # method name + its config fields
-    max_new_tokens: int = 16
+    max_new_tokens: int | None = None  # generation length; None: the task's own
     eval_batch_size: int = 16  # questions answered together at evaluation
     prompt_budget: int = 384  # GPT baseline: tokens for neighbours + question
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -140,6 +144,17 @@ class RunConfig:
         _need(not (self.quantise and self.stage == "finetune" and self.peft.get("method") == "full"),
               f"quantise={self.quantise} keeps the base frozen in low precision, and peft.method=full trains it; "
               f"choose a PEFT method (lora, ...) or set quantise=null")
+        from retrotune.tasks import TASKS
+
+        _need(self.task in TASKS, f"task {self.task!r} is unknown; choose one of {sorted(TASKS)}")
+        _need(self.max_new_tokens is None or (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1),
+              f"max_new_tokens must be a positive integer or null (the task's own), got {self.max_new_tokens!r}")
+
+    @property
+    def generation_length(self) -> int:
+        from retrotune.tasks import get_task
+
+        return self.max_new_tokens or get_task(self.task).max_new_tokens
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -17,9 +17,14 @@ from pathlib import Path
 
 import yaml
 
-from retrotune import pipeline, plots
+from retrotune import assemble, neighbours, plots
+from retrotune.cell import evaluate_run, task_data, train_run
 from retrotune.config import ConfigError, RunConfig, apply_overrides
-from retrotune.runs import CONTROLS, FINAL, evaluate_with_controls, load_trained, qa_split, train_run, with_neighbours
+from retrotune.controls import CONTROLS
+from retrotune.evaluation import evaluate_with_controls
+from retrotune.runs import FINAL
+from retrotune.table import markdown_table
+from retrotune.tasks import get_task
 
 ZERO_SHOT = ("gpt_closed_book", "gpt", "retro")
 
@@ -102,8 +107,8 @@ def _cached(path: Path, compute):
 
 
 def _evaluate(qa, records, config: RunConfig, out: Path, desc: str, controls=()) -> dict:
-    return evaluate_with_controls(qa, records, out, config.eval_batch_size, config.max_new_tokens,
-                                  config.neighbours, controls, desc)
+    return evaluate_with_controls(qa, records, out, config.eval_batch_size, config.generation_length,
+                                  config.neighbours, controls, desc, config.task)
 
 
 def zero_shot_rows(exp: ExperimentConfig, out: Path, retrofit_dir: Path | None) -> list[dict]:
@@ -112,18 +117,20 @@ def zero_shot_rows(exp: ExperimentConfig, out: Path, retrofit_dir: Path | None) 
     rows = []
     needed = [name for name in exp.zero_shot if not (out / "zero-shot" / name / "scores.json").is_file()]
     if needed:
-        base, tokenizer = pipeline.build_backbone(config)
-        retriever = pipeline.open_index(config, tokenizer)
-        validation = with_neighbours(config, retriever, qa_split(config)[1])
+        task = get_task(config.task)
+        evaluation = task_data(config)[1]  # 1
+        base, tokenizer = assemble.build_backbone(config)
+        retriever = neighbours.open_retrieval(config, task, tokenizer)  # 2
+        validation = neighbours.attach(config, task, retriever, evaluation)
     for name in exp.zero_shot:
         folder = out / "zero-shot" / name
 
         def compute():
             model_kind = "retro" if name == "retro" else "gpt"
             run = _run_config(exp, model=model_kind, init_from=str(retrofit_dir) if retrofit_dir and name == "retro" else None)
-            model = pipeline.build_model(run, base, retriever, with_peft=False)
+            model = assemble.build_model(run, base, retriever, with_peft=False)  # 3
             records = validation if name != "gpt_closed_book" else [{**r, "neighbour_texts": []} for r in validation]
-            qa = pipeline.qa_interface(run, model, tokenizer, retriever)
+            qa = assemble.qa_interface(run, model, tokenizer, retriever)
             controls = () if name == "gpt_closed_book" else exp.controls
             scores = _evaluate(qa, records, run, folder, f"zero-shot {name}", controls)
             if name == "gpt_closed_book":
@@ -192,12 +199,8 @@ def run_cell(exp: ExperimentConfig, name: str, folder: Path, config: RunConfig) 
         train_run(config)
     summary = json.loads((folder / FINAL / "run.json").read_text())
 
-    def compute():
-        qa, _, retriever = load_trained(folder)
-        validation = with_neighbours(config, retriever, qa_split(config)[1])
-        return _evaluate(qa, validation, config, folder / "eval", f"evaluate {name}", exp.controls)
-
-    return summary, _cached(folder / "eval" / "scores.json", compute)
+    return summary, _cached(folder / "eval" / "scores.json",
+                            lambda: evaluate_run(folder, folder / "eval", exp.controls))
 
 
 def run_experiment(exp: ExperimentConfig, collect_only: bool = False) -> dict:
@@ -230,25 +233,3 @@ def run_experiment(exp: ExperimentConfig, collect_only: bool = False) -> dict:
     plots.score_vs_parameters(rows, out / "score_vs_parameters.png")
     plots.learning_curves(cells, out / "learning_curves.png")
     return {"table": table, **results}
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """One row per model and method; the control columns give F1 with shuffled neighbours and with none, and the
-    retrieval gain (F1 with the true neighbours minus F1 with shuffled ones)."""
-    lines = ["| model | method | train questions | trainable params | train time | EM | F1 | ROUGE-L | answer recall@k "
-             "| F1 shuffled | F1 none | retrieval gain (F1) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def num(value) -> str:
-        return "-" if value is None else f"{value:.1f}"
-
-    for row in rows:
-        size = "-" if row["method"] == "zero-shot" else ("all" if row["train_size"] is None else row["train_size"])
-        controls = row.get("controls") or {}
-        gain = row.get("retrieval_gain_f1")
-        lines.append(f"| {row['model']} | {row['method']} | {size} | {row['trainable_parameters']:,} | "
-                     f"{row['train_seconds'] / 60:.1f} min | {row['em']:.1f} | {row['f1']:.1f} | {row['rouge_l']:.1f} | "
-                     f"{num(row['answer_recall'])} | {num(controls.get('shuffled', {}).get('f1'))} | "
-                     f"{num(controls.get('none', {}).get('f1'))} | "
-                     f"{'-' if gain is None else format(gain, '+.1f')} |")
-    return "\n".join(lines)

@@ -52,32 +52,32 @@ def plan_script(file: str, overrides: list[str], exp: ExperimentConfig, gpus: in
 def prepare_plan(exp: ExperimentConfig) -> None:
     """Everything the cells share, done once: index, retro-fit, zero-shot rows, and the neighbours of every cell's
     training and validation questions (written into the shared cache here, read by the cells)."""
-    from retrotune import pipeline
-    from retrotune.runs import qa_split, with_neighbours
+    from backbones import load_tokenizer
+    from retrotune import neighbours
+    from retrotune.cell import task_data
+    from retrotune.tasks import get_task
 
     retrofit_dir = prepare(exp)
     zero_shot_rows(exp, Path(exp.output_dir), retrofit_dir)
-    retriever, seen = None, set()
+    seen = set()
     for _, _, _, _, _, _, config in grid_cells(exp, retrofit_dir):
-        key = (config.index, config.retriever, config.neighbours, config.neighbours_cache, config.data.qa,
-               config.data.train_size, config.train.seed, str(config.data.validation_groups),
+        key = (config.task, config.index, config.retriever, config.neighbours, config.neighbours_cache,
+               config.data.qa, config.data.train_size, config.train.seed, str(config.data.validation_groups),
                config.data.validation_fraction, config.data.validation_size)
         if key in seen:
             continue
         seen.add(key)
-        if retriever is None:
-            from backbones import load_tokenizer
-
-            retriever = pipeline.open_index(config, load_tokenizer(config.decoder))
-        for part in qa_split(config):
-            with_neighbours(config, retriever, part)
+        task = get_task(config.task)
+        retriever = neighbours.open_retrieval(config, task, load_tokenizer(config.decoder))
+        for part in task_data(config):
+            neighbours.attach(config, task, retriever, part)
 
 
 def run_named_cell(exp: ExperimentConfig, name: str) -> dict | None:
     """Train and evaluate the cell `name` (under torchrun every process trains, the first one evaluates);
     returns its scores (None in the other processes)."""
-    from retrotune.experiment import FINAL
-    from retrotune.runs import train_run
+    from retrotune.cell import train_run
+    from retrotune.runs import FINAL
 
     retrofit_dir = Path(exp.output_dir) / "retrofit" if exp.retrofit is not None else None
     if retrofit_dir is not None and not (retrofit_dir / FINAL / "run.json").is_file():

@@ -49,16 +49,20 @@ def learning_curves(runs: list[Path], path: Path) -> None:
 
 
 def score_vs_parameters(rows: list[dict], path: Path) -> None:
-    """Validation F1 of each fine-tuned cell against its trainable parameters; zero-shot rows as lines."""
-    with _axis(path, "trainable parameters", "validation F1", log_x=True) as axis:
+    """The task's validation score (F1 for SQuAD-open) of each fine-tuned cell against its trainable parameters;
+    zero-shot rows as lines."""
+    def score(row):
+        return row.get("score", row.get("f1"))
+
+    with _axis(path, "trainable parameters", "validation score", log_x=True) as axis:
         for model in sorted({r["model"] for r in rows if r["method"] != "zero-shot"}):
-            points = [(r["trainable_parameters"], r["f1"], r["method"]) for r in rows
+            points = [(r["trainable_parameters"], score(r), r["method"]) for r in rows
                       if r["model"] == model and r["method"] != "zero-shot"]
             axis.scatter([p[0] for p in points], [p[1] for p in points], label=model)
             for x, y, method in points:
                 axis.annotate(method, (x, y), fontsize=7)
         for row in rows:
             if row["method"] == "zero-shot":
-                axis.axhline(row["f1"], linestyle=":", linewidth=1, color="grey")
-                axis.annotate(f"{row['model']}, zero-shot", xy=(0.01, row["f1"]),
+                axis.axhline(score(row), linestyle=":", linewidth=1, color="grey")
+                axis.annotate(f"{row['model']}, zero-shot", xy=(0.01, score(row)),
                               xycoords=("axes fraction", "data"), fontsize=6, color="grey", va="bottom")

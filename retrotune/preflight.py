@@ -14,7 +14,7 @@ from retrotune.config import ConfigError, RunConfig
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     from retrieval.errors import expected_errors as retrieval_errors
-    from retrotune.pipeline import RunMismatchError
+    from retrotune.assemble import RunMismatchError
     from retrotune.qa import QADataError
     from backbones import QuantisationUnavailable
     from retrotune.trainer import CheckpointError, NonFiniteLossError
@@ -72,10 +72,10 @@ def check_run(config: RunConfig, index: bool = True, data: bool = True) -> None:
         raise ConfigError(f"init_from: {config.init_from} holds no finished retro-fit run (no final/retro); train "
                           f"it first with a retrofit config, or fix the path")
     if data and config.stage == "finetune":
-        from retrotune.runs import qa_split
+        from retrotune.cell import task_data
 
         try:
-            qa_split(config)
+            task_data(config)
         except ValueError as error:  # QADataError, or an empty split
             raise ConfigError(f"data.qa: {error}") from None
     if index:

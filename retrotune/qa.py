@@ -18,6 +18,13 @@ class QAExample:
     answers: tuple[str, ...]
     group: str  # article or document: the unit of the train/validation split
     passage_id: str | None = None
+    # long-document tasks: the example's own document, searched instead of the corpus index
+    document_id: str | None = None
+    document_title: str = ""
+    document: str | None = None
+    # multiple choice: the options and the index of the correct one (None where the split has no labels)
+    options: tuple[str, ...] = ()
+    label: int | None = None
 
 
 class QADataError(ValueError):

@@ -1,8 +1,8 @@
-"""One training run end to end, and QA evaluation of a model: what train.py, eval.py and experiments call.
+"""Stage 4, training: an assembled model + its training data -> trained weights in `output_dir/final/`
+({retro/, adapter/, run.json}) and metrics (metrics.jsonl, CSV, TensorBoard, a PNG).
 
-train_run: RunConfig -> trained weights in `output_dir/final/` ({retro/, adapter/, run.json}) + metrics.
-evaluate_qa: a QA contract (RETRO or GPT) + examples with neighbours -> EM/F1/ROUGE-L, answer recall@k and
-per-example predictions.
+Two stages of training: the retro-fit (RETRO's added layers on corpus sequences of the index, built here) and
+fine-tuning (the PEFT method on a task's records with neighbours, through the QA contract, loss on the answer).
 """
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from retrotune import pipeline
 from retrotune.config import RunConfig
-from retrotune.metrics import exact_match, f1_score, rouge_l, score_answers
-from retrotune.qa import load_qa, split_by_group, take
-from retrotune.trainer import fit, seed_everything
+from retrotune.controls import control_records, donors
+from retrotune.metrics import score_task
+from retrotune.trainer import fit
 
 FINAL = "final"
 IGNORE = -100
@@ -113,38 +112,6 @@ def mean_loss(model, batches, keys, drop_neighbours: bool = False) -> float:
     return total / max(count, 1)
 
 
-# ---- retrieval-gain controls: the same questions with another question's neighbours, or with none ----
-
-CONTROLS = ("shuffled", "none")
-
-
-def donors(groups: list[str]) -> list[int]:
-    """For each example, the example whose neighbours it gets in the shuffled control: never itself when there are
-    two or more, and from another group (article) wherever the split allows, so the donor's neighbours are unlikely
-    to hold this example's answer. Deterministic."""
-    n = len(groups)
-    order = sorted(range(n), key=lambda i: (groups[i], i))  # grouped, then rolled by half: groups meet others
-    shift = max(1, n // 2) if n > 1 else 0
-    donor = [0] * n
-    for j, i in enumerate(order):
-        donor[i] = order[(j + shift) % n]
-    return donor
-
-
-def control_records(records: list[dict], control: str) -> list[dict]:
-    """QA records under a control: `shuffled` gives each question the neighbours (tokens and texts alike) of a
-    question of another article; `none` gives it no neighbours (RETRO then computes exactly its base model; GPT
-    gets the closed-book prompt)."""
-    if control == "none":
-        return [{**r, "neighbour_tokens": np.full_like(np.asarray(r["neighbour_tokens"]), -1), "neighbour_texts": []}
-                for r in records]
-    if control != "shuffled":
-        raise ValueError(f"unknown control {control!r}; choose from {CONTROLS}")
-    donor = donors([str(r.get("group", i)) for i, r in enumerate(records)])
-    return [{**r, "neighbour_tokens": records[d]["neighbour_tokens"], "neighbour_texts": records[d]["neighbour_texts"]}
-            for r, d in zip(records, donor)]
-
-
 def shuffled_sequences(items: list[dict]) -> list[dict]:
     """Retro-fit sequences with another sequence's neighbours (cut or -1 padded to this one's chunk count)."""
     donor = donors([str(i) for i in range(len(items))])
@@ -156,95 +123,18 @@ def shuffled_sequences(items: list[dict]) -> list[dict]:
     return out
 
 
-# ---- QA evaluation ----
-
-def evaluate_qa(qa, records: list[dict], batch_size: int = 8, max_new_tokens: int = 16, k: int | None = None,
-                desc: str = "evaluate") -> tuple[dict, list[dict]]:
-    """Generate an answer for every record and score it; answer recall@k shows whether the retriever found it."""
-    from retrieval import has_answer
-
-    predictions = []
-    for lo in tqdm(range(0, len(records), batch_size), desc=desc, unit="batch"):
-        chunk = [{key: value for key, value in r.items() if key != "answer"} for r in records[lo:lo + batch_size]]
-        predictions.extend(qa.generate(qa.encode_batch(chunk), max_new_tokens=max_new_tokens))
-    golds = [r["answers"] for r in records]
-    scores = score_answers(predictions, golds)
-    found = [any(has_answer(text, r["answers"]) for text in r["neighbour_texts"][:k]) for r in records]
-    scores["answer_recall"] = 100 * sum(found) / len(found)
-    scores["n"] = len(records)
-    rows = [{"id": r["id"], "question": r["question"], "prediction": p, "answers": r["answers"],
-             "em": exact_match(p, r["answers"]), "f1": f1_score(p, r["answers"]), "rouge_l": rouge_l(p, r["answers"]),
-             "answer_in_neighbours": hit} for r, p, hit in zip(records, predictions, found)]
-    return scores, rows
-
-
-def evaluate_with_controls(qa, records: list[dict], out: Path, batch_size: int = 8, max_new_tokens: int = 16,
-                           k: int | None = None, controls=CONTROLS, desc: str = "evaluate") -> dict:
-    """Scores with the true neighbours plus, under `controls`, the same questions with shuffled neighbours and with
-    none. Each evaluation writes `out/<true|control>/predictions.jsonl` and `scores.json`; a score a previous run
-    left is read back, so an interrupted evaluation resumes."""
-    def cached(folder: Path, recs: list[dict], label: str) -> dict:
-        file = folder / "scores.json"
-        if file.is_file():
-            return json.loads(file.read_text())
-        scores, rows = evaluate_qa(qa, recs, batch_size, max_new_tokens, k, label)
-        write_jsonl(folder / "predictions.jsonl", rows)
-        file.write_text(json.dumps(scores, indent=2))
-        return scores
-
-    scores = dict(cached(out / "true", records, desc))
-    scores["controls"] = {c: cached(out / c, control_records(records, c), f"{desc} [{c}]") for c in controls}
-    if "shuffled" in scores["controls"]:
-        scores["retrieval_gain_f1"] = scores["f1"] - scores["controls"]["shuffled"]["f1"]
-    return scores
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
-def qa_split(config: RunConfig):
-    """(train, validation) QA examples, split by article and cut to the configured data scale."""
-    examples = load_qa(config.data.qa)
-    split = split_by_group(examples, config.data.validation_groups, config.data.validation_fraction, config.train.seed)
-    train = take(split.train, config.data.train_size, config.train.seed)
-    validation = take(split.validation, config.data.validation_size, config.train.seed)
-    if not train:
-        raise ValueError(f"{config.data.qa}: the training split is empty (validation holds "
-                         f"{list(split.validation_groups)}); give more articles or fewer validation_groups")
-    if not validation:
-        raise ValueError(f"{config.data.qa}: the validation split is empty; set data.validation_groups")
-    return train, validation
-
-
-def neighbours_cache(config: RunConfig) -> Path:
-    return Path(config.neighbours_cache or Path(config.output_dir) / "neighbours")
-
-
-def with_neighbours(config: RunConfig, retriever, examples) -> list[dict]:
-    neighbours = pipeline.question_neighbours(retriever, examples, config.neighbours, neighbours_cache(config))
-    return pipeline.qa_records(examples, neighbours, with_answers=True)
-
-
 # ---- training ----
 
-def train_run(config: RunConfig, device: str | None = None) -> dict:
-    """Train one run and write `output_dir/final/`; returns the summary stored in `final/run.json`."""
-    from peft_methods import apply_peft, count_trainable, save_peft
+def train(config: RunConfig, model, tokenizer, retriever, identity: dict, qa=None, train_set=None, val_set=None,
+          output_dir: Path | None = None) -> dict:
+    """Train the model a cell assembled and write `output_dir/final/`; returns the summary stored in
+    `final/run.json`. The retro-fit trains on corpus sequences of the index; fine-tuning on the task records
+    `train_set` through the QA contract `qa`, validating on `val_set` (loss with true and shuffled neighbours, and
+    EM/F1 of a few generated answers)."""
+    from peft_methods import count_trainable, save_peft
     from retro.checkpoint import save_retro
 
-    output_dir = Path(config.output_dir)
-    seed_everything(config.train.seed, config.train.deterministic)  # new layers start from the run's seed
-    base, tokenizer = pipeline.build_backbone(config, device=device)
-    retriever = pipeline.open_index(config, tokenizer)
-    identity = pipeline.run_identity(config, retriever, base)
-    model = pipeline.build_model(config, base, retriever, with_peft=False)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if config.stage == "finetune":
-        if config.model == "retro":  # the RETRO weights the adapter is trained on top of, kept for evaluation
-            save_retro(model, output_dir / "retro-init")
-        model = apply_peft(model, config.peft)
+    output_dir = Path(output_dir or config.output_dir)
     keys = forward_keys(config.model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bs = config.train.batch_size
@@ -265,22 +155,22 @@ def train_run(config: RunConfig, device: str | None = None) -> dict:
                     "val_loss_shuffled": mean_loss(m, shuffled_batches, keys),
                     "val_loss_base": mean_loss(m, val_batches, keys, drop_neighbours=True)}
     else:
-        from accelerate import PartialState
-
-        with PartialState().main_process_first():  # under torchrun one process fills the neighbour cache
-            train_set, val_set = (with_neighbours(config, retriever, part) for part in qa_split(config))
-        qa = pipeline.qa_interface(config, model, tokenizer, retriever)
         collate = qa.encode_batch
         val_batches = [collate(val_set[i:i + bs]) for i in range(0, len(val_set), bs)]
         shuffled_set = control_records(val_set, "shuffled")
         shuffled_batches = [collate(shuffled_set[i:i + bs]) for i in range(0, len(shuffled_set), bs)]
+        generated = [r for r in val_set if not r.get("options")][:config.data.validation_generate]
 
         def validate(m):
             row = {"val_loss": mean_loss(m, val_batches, keys), "val_loss_shuffled": mean_loss(m, shuffled_batches, keys)}
-            if config.data.validation_generate:
-                scores, _ = evaluate_qa(pipeline.qa_interface(config, m, tokenizer, retriever),
-                                        val_set[:config.data.validation_generate], bs, config.max_new_tokens,
-                                        config.neighbours, desc="validate")
+            if generated:
+                predictions = []
+                for lo in range(0, len(generated), bs):
+                    predictions += qa.generate(qa.encode_batch([{k: v for k, v in r.items() if k != "answer"}
+                                                                for r in generated[lo:lo + bs]]),
+                                               max_new_tokens=config.generation_length)
+                golds = [r["answers"] for r in generated]
+                scores = score_task(("em", "f1"), predictions, golds)
                 row.update(val_em=scores["em"], val_f1=scores["f1"])
             return row
 
@@ -321,29 +211,3 @@ def _write_final(output_dir: Path, model, config: RunConfig, summary: dict, save
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def load_trained(run_dir: Path, config_index: str | None = None, decoder: str | None = None,
-                 device: str | None = None):
-    """Rebuild a trained run for evaluation: (qa contract, run summary, retriever). `config_index` and `decoder`
-    replace the run's own; another index or another base model than the run was trained with is refused."""
-    from peft_methods import load_peft
-    from retro.checkpoint import load_retro
-
-    final = Path(run_dir) / FINAL
-    if not (final / "run.json").is_file():
-        raise FileNotFoundError(f"{run_dir} holds no finished run (no {FINAL}/run.json); train it first or resume "
-                                f"it with the same train.py command")
-    summary = json.loads((final / "run.json").read_text())
-    replaced = {"index": config_index, "decoder": decoder}
-    config = RunConfig(**{**summary["config"], **{k: v for k, v in replaced.items() if v}})
-    base, tokenizer = pipeline.build_backbone(config, device=device)
-    retriever = pipeline.open_index(config, tokenizer)
-    pipeline.check_identity(summary["identity"], config.index, retriever, base, final)
-    model = base
-    if config.model == "retro":
-        model = load_retro(final / "retro", base, chunk_size=retriever.chunk_size)
-    if (final / "adapter").is_dir():
-        model = load_peft(model, final / "adapter")
-    model.eval()
-    return pipeline.qa_interface(config, model, tokenizer, retriever), summary, retriever

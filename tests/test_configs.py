@@ -15,6 +15,12 @@ def test_shipped_config_loads(path):
     from peft_methods import peft_config_from_dict, split_peft_entry
     from retrotune.experiment import cell_hparams
 
+    if path.name == "paper.yaml":
+        from retrotune.grid import load_grid
+
+        grid = load_grid(str(path))  # every cell's config is built and checked
+        assert len(grid.tasks) == 6 and len(grid.methods) == 5 and len(grid.base_models) >= 2
+        return
     if path.name in EXPERIMENTS:
         experiment = load_experiment(str(path))
         assert experiment.models and experiment.peft

@@ -168,7 +168,7 @@ def test_cross_encoder_reranks_first_stage(models, asymmetric, tmp_path):
 
 def test_run_config_and_run_identity_follow_the_retriever(models, asymmetric):
     from retrotune.config import ConfigError, RunConfig
-    from retrotune.pipeline import index_hash
+    from retrotune.neighbours import index_hash
 
     assert RunConfig(retriever="hybrid").retriever == "hybrid" and RunConfig().retriever == "dense"
     with pytest.raises(ConfigError, match="retriever 'sparse' is unknown"):

@@ -18,7 +18,7 @@ def _losses(output_dir):
 
 @pytest.mark.parametrize("model", ["gpt", "retro"])
 def test_same_seed_runs_give_identical_losses(tiny_setup, model):  # noqa: F811
-    from retrotune.runs import train_run
+    from retrotune.cell import train_run
 
     root, tokenizer = tiny_setup
     runs = []

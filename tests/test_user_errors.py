@@ -17,15 +17,19 @@ def no_model_loading(monkeypatch):
     """Any model load fails the test: every check below must come first."""
     import backbones
     import backbones.resolve
+    import retrotune.assemble
     import retrotune.models
-    import retrotune.pipeline
+    import retrotune.neighbours
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    for module in (backbones, backbones.resolve, retrotune.models, retrotune.pipeline):
-        monkeypatch.setattr(module, "load_decoder", refuse)
-        monkeypatch.setattr(module, "load_embedder", refuse)
+    for module, names in ((backbones, ("load_decoder", "load_embedder")),
+                          (backbones.resolve, ("load_decoder", "load_embedder")),
+                          (retrotune.models, ("load_decoder", "load_embedder")),
+                          (retrotune.assemble, ("load_decoder",)), (retrotune.neighbours, ("load_embedder",))):
+        for name in names:
+            monkeypatch.setattr(module, name, refuse)
 
 
 def run_train(capsys, *overrides):

