@@ -8,6 +8,7 @@
     python eval.py paper configs/paper.yaml              # the paper's grid and its table
     python eval.py paper configs/paper.yaml --cell qasper/smollm2-135m/retro/lora
     python eval.py paper configs/paper.yaml --zero-shot  # the zero-shot row of every task
+    python eval.py paper configs/paper.yaml --plan paper.sh   # the paper's grid as one shell line per cell
 
 Scores, by task: exact match and F1 over all answer aliases, ROUGE-1/2/L and their geometric mean, multiple-choice
 accuracy (by option likelihood and by generated letter), and answer recall@k of the neighbours (is the answer in
@@ -105,7 +106,22 @@ def _paper(args) -> int:
     from retrotune.grid import load_grid, run_grid
 
     grid = load_grid(args.file, args.overrides)
-    results = run_grid(grid, cells=args.cell, methods=["zero_shot"] if args.zero_shot else args.methods)
+    if args.plan:
+        from retrotune.grid import plan_script
+
+        script = plan_script(args.file, args.overrides, grid, gpus=args.gpus)
+        Path(args.plan).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.plan).write_text(script)
+        Path(args.plan).chmod(0o755)
+        print(f"wrote {args.plan}: run it with bash {args.plan}, or give its --cell lines to a scheduler")
+        return 0
+    if args.prepare:
+        from retrotune.grid import prepare
+
+        prepare(grid)
+        return 0
+    results = run_grid(grid, cells=args.cell, methods=["zero_shot"] if args.zero_shot else args.methods,
+                       collect_only=args.collect)
     print(results["table"])
     print(f"\nfinished in {results['seconds'] / 60:.1f} min; table in {grid.output_dir}/paper_table.md")
     return 0
@@ -156,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
                                                  "(e.g. qasper/smollm2-135m/retro/lora)")
     paper.add_argument("--zero-shot", action="store_true", help="only the zero-shot row, for every task")
     paper.add_argument("--methods", nargs="+", help="only these methods (their labels in the grid)")
+    paper.add_argument("--plan", metavar="SCRIPT", help="write the grid as a shell script (one line per cell) to "
+                                                       "SCRIPT and stop")
+    paper.add_argument("--gpus", type=int, default=1, help="with --plan: GPUs (processes) per cell")
+    paper.add_argument("--prepare", action="store_true", help="a plan's first line: retro-fits and neighbours")
+    paper.add_argument("--collect", action="store_true", help="a plan's last line: the table from the finished "
+                                                              "cells, running nothing")
     paper.set_defaults(handler=_paper)
     for command in (experiment, zero, checkpoint, paper):
         command.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")

@@ -210,17 +210,77 @@ def select(grid: GridConfig, cells: list[str] | None = None, methods: list[str] 
     return every
 
 
-def run_grid(grid: GridConfig, cells: list[str] | None = None, methods: list[str] | None = None) -> dict:
+def prepare(grid: GridConfig) -> None:
+    """What the cells share, done once before they run side by side: each base model's retro-fit and the
+    neighbours of every task's questions (written into the shared cache here, only read by the cells)."""
+    from backbones import load_tokenizer
+    from retrotune import neighbours
+    from retrotune.cell import task_data
+
+    if "retro" in grid.models:
+        for base in grid.base_models:
+            retrofit(grid, base)
+    seen = set()
+    for task, base, model, method in select(grid):
+        if method == ZERO_SHOT:
+            continue
+        config = cell_config(grid, task, base, model, method, grid.seeds[0])
+        key = (task, config.decoder, config.index, config.retriever, config.neighbours, config.data.qa)
+        if key in seen:
+            continue
+        seen.add(key)
+        retriever = neighbours.open_retrieval(config, TASKS[task], load_tokenizer(config.decoder))
+        for part in task_data(config):
+            neighbours.attach(config, TASKS[task], retriever, part)
+
+
+def plan_script(file: str, overrides: list[str], grid: GridConfig, gpus: int = 1) -> str:
+    """The grid as a bash script: a `--prepare` line, one `--cell` line per cell (each independent, marked with
+    the GPUs it uses; with more than one it runs under torchrun), and a `--collect` line that writes the table from
+    the finished cells. On one machine it runs as it is; on a cluster the cell lines go to a job array."""
+    import shlex
+    import sys
+
+    if not isinstance(gpus, int) or gpus < 1:
+        raise ConfigError(f"--gpus must be a positive number of GPUs per cell, got {gpus!r}")
+    command = f"\"$EVAL\" paper {shlex.join([file, *overrides])}"
+    launcher = "\"$PYTHON\"" if gpus == 1 else f"\"$PYTHON\" -m torch.distributed.run --nproc_per_node {gpus}"
+    names = [cell_name(*cell) for cell in select(grid)]
+    return "\n".join([
+        "#!/usr/bin/env bash",
+        f"# Plan of {file}: {len(names)} cells, results in {grid.output_dir}. One machine: run this file as it is.",
+        "# A cluster: the prepare line once, then the cell lines in parallel, then the collect line.",
+        "set -euo pipefail",
+        f"PYTHON=\"${{PYTHON:-{sys.executable}}}\"",
+        f"EVAL=\"${{RETROTUNE_EVAL:-{Path(__file__).resolve().parents[1] / 'eval.py'}}}\"",
+        f"cd \"${{RETROTUNE_ROOT:-{Path.cwd().resolve()}}}\"",
+        f"\"$PYTHON\" {command} --prepare",
+        *[f"{launcher} {command} --cell {name}  # gpus={gpus}" for name in names],
+        f"\"$PYTHON\" {command} --collect",
+    ]) + "\n"
+
+
+def run_grid(grid: GridConfig, cells: list[str] | None = None, methods: list[str] | None = None,
+             collect_only: bool = False) -> dict:
     """Run the selected cells (all by default) and return their table; `paper_table.md` and `results.json` hold
-    every finished cell of the grid, so running cells one by one builds up the whole table."""
+    every finished cell of the grid, so running cells one by one builds up the whole table. `collect_only`: run
+    nothing, write the table of the finished cells (a missing one is an error naming it)."""
     import torch
 
     started = time.perf_counter()
     out = Path(grid.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [run_cell(grid, *cell, seed) for cell in select(grid, cells, methods) for seed in grid.seeds]
+    if collect_only:
+        missing = [cell_name(*cell) for cell in select(grid) for seed in grid.seeds
+                   if run_cell(grid, *cell, seed, finished_only=True) is None]
+        if missing:
+            raise ConfigError(f"{len(missing)} cell(s) of {out} are not finished: {', '.join(missing)}; run their "
+                              f"plan lines (eval.py paper ... --cell NAME) first")
+    rows = [] if collect_only else [run_cell(grid, *cell, seed) for cell in select(grid, cells, methods)
+                                    for seed in grid.seeds]
     finished = [row for cell in select(grid) for seed in grid.seeds
                 if (row := run_cell(grid, *cell, seed, finished_only=True)) is not None]
+    rows = rows or finished
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     titles = {name: TASKS[name].title for name in grid.tasks}
     table = paper_table(rows, task_order(grid), titles)

@@ -106,3 +106,33 @@ def test_a_bad_grid_is_refused_before_anything_runs():
     with pytest.raises(ConfigError, match=r"cell nq_open/s/gpt/lora: train.max_steps must be a positive integer"):
         GridConfig(tasks={"nq_open": {"train": {"max_steps": 0}}}, base_models=[{"name": "s", "decoder": "x"}],
                    methods=[{"method": "lora"}])
+
+
+def test_the_plan_runs_as_a_shell_script_and_collects_the_table(grid_file, tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    import eval as eval_cli
+
+    grid = yaml.safe_load(grid_file.read_text())
+    task = next(iter(grid["tasks"]))
+    small = {**grid, "output_dir": str(tmp_path / "runs"), "tasks": {task: grid["tasks"][task]},
+             "methods": ["zero_shot", {"method": "lora", "r": 4}]}
+    config = tmp_path / "small.yaml"
+    config.write_text(yaml.safe_dump(small))
+    script = tmp_path / "plan.sh"
+    monkeypatch.chdir(tmp_path)
+    assert eval_cli.main(["paper", str(config), "--plan", str(script)]) == 0
+    lines = script.read_text().splitlines()
+    cells = [line for line in lines if line.startswith('"$PYTHON"') and " --cell " in line]
+    assert len(cells) == 4 and all(line.endswith("# gpus=1") for line in cells)  # 2 models x 2 methods
+    assert " --prepare" in lines[-len(cells) - 2] and lines[-1].endswith(" --collect")
+
+    env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = (tmp_path / "runs" / "paper_table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| GPT") or line.startswith("| RETRO")]
+    assert len(rows) == 4 and all(" zero_shot " in r or " lora " in r for r in rows)
+    assert json.loads((tmp_path / "runs" / "results.json").read_text())["rows"][0]["cell"].startswith(task)
