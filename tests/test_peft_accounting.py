@@ -108,10 +108,10 @@ def test_full_and_retro_counts_by_hand():
     assert counts["norm"] == 4 * 64 + 32
     model = retro.retrofit(build_tiny_lm("llama"), retro.RetroConfig(chunk_size=4, num_neighbours=2))
     added = sum(p.numel() for p in model.retro_parameters())
-    # LoRA r=4 on CCA (layers 1..3 of 4, six bias-free 32x32 projections each: q, k, v, o and the induction
-    # path's token query and previous-token key), plus RETRO's own modules
+    # LoRA r=4 on CCA (layers 1..3 of 4, eight bias-free 32x32 projections each: q, k, v, o and the induction
+    # path's token and previous-token queries and its two previous-token keys), plus RETRO's own modules
     counts = trainable(model, {"method": "lora", "r": 4, "targets": ["cca"], "train_retro": True})
-    assert counts["adapter"] == 3 * 6 * 4 * (32 + 32)
+    assert counts["adapter"] == 3 * 8 * 4 * (32 + 32)
     assert counts["retro"] == added
 
 
@@ -134,7 +134,7 @@ def test_presets_resolve_per_family(family, layer, attention, mlp):
 def test_retro_presets():
     model = retro.retrofit(build_tiny_lm("gpt2"), retro.RetroConfig(chunk_size=4, num_neighbours=2))
     cca = pm.resolve_targets(model, ("cca",), "top:1")
-    assert cca == [f"cca.3.{p}_proj" for p in ("q", "k", "v", "o", "q_token", "k_prev")]
+    assert cca == [f"cca.3.{p}_proj" for p in ("q", "k", "v", "o", "q_token", "q_prev", "k_prev", "k_prev2")]
     encoder = pm.resolve_targets(model, ("retro_encoder",), "all")
     assert "encoder.layers.0.self_attn.q_proj" in encoder and "encoder.layers.1.mlp.down_proj" in encoder
     assert all(n.startswith("base.transformer.h.") for n in pm.resolve_targets(model, ("attention",), "all"))
