@@ -50,11 +50,12 @@ def _example(record: dict, where: str, index: int) -> QAExample:
                      group=str(group if group is not None else index), passage_id=passage_id)
 
 
-def _read_jsonl(path: Path) -> list[QAExample]:
-    examples = []
+def jsonl_rows(path: Path):
+    """Yield (where, row) for each non-blank line of a JSONL file, `where` naming the file and line; a line that is
+    not UTF-8, not JSON or not a JSON object is refused with that place and what to do."""
     with path.open("rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            where = f"{path}, line {line_number}"
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}, line {number}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
@@ -63,10 +64,19 @@ def _read_jsonl(path: Path) -> list[QAExample]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise QADataError(f"{where}: not valid JSON ({error.msg}); each line must be one JSON object") from None
-            examples.append(_example(record, where, len(examples)))
+            if not isinstance(row, dict):
+                raise QADataError(f"{where}: a JSON {type(row).__name__}, not an object; each line must be one "
+                                  f"JSON object")
+            yield where, row
+
+
+def _read_jsonl(path: Path) -> list[QAExample]:
+    examples = []
+    for where, record in jsonl_rows(path):
+        examples.append(_example(record, where, len(examples)))
     return examples
 
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from retrotune.qa import QADataError
+from retrotune.qa import QADataError, jsonl_rows
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 Row = tuple[str, dict]
@@ -41,25 +41,7 @@ def has_split(source: str, split: str) -> bool:
     return not is_local(source)
 
 
-def _jsonl(path: Path) -> Iterator[Row]:
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            where = f"{path}, line {number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise QADataError(f"{where}: byte 0x{raw[error.start]:02x} at column {error.start + 1} is not UTF-8; "
-                                  f"convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise QADataError(f"{where}: not valid JSON ({error.msg}); each line must be one JSON object") from None
-            if not isinstance(row, dict):
-                raise QADataError(f"{where}: a JSON {type(row).__name__}, not an object; each line must be one "
-                                  f"JSON object")
-            yield where, row
+_jsonl = jsonl_rows
 
 
 def _json(path: Path) -> Iterator[Row]:
