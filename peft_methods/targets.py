@@ -102,6 +102,10 @@ def selected_blocks(model: nn.Module, layers: LayerSpec) -> list[tuple[int, Bloc
 def retro_encoder_blocks(model: nn.Module) -> list[Block]:
     if not is_retro(model):
         raise ValueError("target 'retro_encoder' needs a RETRO model (one with .chunk_size, .base and .encoder)")
+    if not hasattr(model.encoder, "layers"):
+        raise ValueError("target 'retro_encoder': this RETRO model has no trained neighbour encoder (with "
+                         "attention='joint' the frozen decoder encodes the neighbours, so the decoder's own targets "
+                         "adapt both); drop 'retro_encoder' from the targets")
     return [_block(f"encoder.layers.{i}", layer) for i, layer in enumerate(model.encoder.layers)]
 
 

@@ -82,7 +82,7 @@ def load_retro_weights(model: RetroModel, path: str | Path) -> RetroModel:
                          f"with chunk size {model.config.chunk_size}; rebuild with RetroConfig(chunk_size="
                          f"{saved_cfg.chunk_size}) or use retro.load_retro(path, base)")
     _check_base(meta, model.base, path)
-    for field in ("cca_layers", "encoder_layers", "encoder_width", "neighbour_length"):
+    for field in ("attention", "cca_layers", "encoder_layers", "encoder_width", "neighbour_length"):
         if getattr(saved_cfg, field) != getattr(model.config, field):
             raise ValueError(f"{path / META}: retro_config.{field} is {getattr(saved_cfg, field)} but the model has "
                              f"{getattr(model.config, field)}; build the model from the saved config "

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 
 CCA_INITS = ("copy", "zero")
+ATTENTIONS = ("separate", "joint")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,13 @@ class RetroConfig:
     #   high learning rate: `train.lr_scales: {gate: ...}`). Needs encoder_width == decoder width.
     # "zero": output projection zero, gate open; everything is learned from scratch.
     cca_init: str = "copy"
+    # How CCA reads (retro/joint.py explains "joint"):
+    # "separate": CCA blocks with their own softmax over neighbours encoded by a trained bidirectional encoder
+    #   (RETRO's design; the encoder_* and cca_* fields above apply).
+    # "joint": the frozen decoder encodes the neighbours, and each CCA layer's queries attend them in the same
+    #   softmax as their own context through projections that start as the layer's own, behind a zero gate per
+    #   head: reading starts from the pretrained attention. Llama-style decoders; CCA on every layer by default.
+    attention: str = "separate"
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -65,10 +73,14 @@ class RetroConfig:
              f"encoder_mlp_ratio must be a positive int, got {self.encoder_mlp_ratio!r}")
         need(0.0 <= float(self.dropout) < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
         need(self.cca_init in CCA_INITS, f"cca_init must be one of {CCA_INITS}, got {self.cca_init!r}")
+        need(self.attention in ATTENTIONS, f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
 
     def resolved(self, n_layers: int, hidden: int, heads: int) -> "RetroConfig":
         """This config with every `None` filled in for a decoder of `n_layers` layers, width `hidden`, `heads` heads."""
-        layers = self.cca_layers if self.cca_layers is not None else default_cca_layers(n_layers)
+        if self.cca_layers is not None:
+            layers = self.cca_layers
+        else:
+            layers = tuple(range(n_layers)) if self.attention == "joint" else default_cca_layers(n_layers)
         bad = [i for i in layers if i >= n_layers]
         if bad:
             raise ValueError(f"RetroConfig.cca_layers {bad} do not exist: the decoder has {n_layers} layers "

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import RetroConfig
+from .joint import JointBinding, JointCCA, attention_modules, implementation_name
 from .layers import ChunkedCrossAttention, NeighbourEncoder
 
 
@@ -42,6 +43,7 @@ class _RetroState:
     with_neighbours: bool | None = None
     cca_kv: dict = field(default_factory=dict)  # layer -> {"k", "v"}: (B, L_enc, K*R, D) projected per CCA block
     last_token: torch.Tensor | None = None  # (B, 1, D) input embedding of the token at offset - 1
+    joint_chunks: int = 0  # attention="joint": chunks whose neighbours are encoded (their keys are in cca_kv)
 
 
 @dataclass
@@ -66,6 +68,16 @@ class _CCAHook:
         return self.model._make_hook(self.layer)(module, args, output)
 
 
+class _LayerInput:
+    """A forward pre-hook that keeps a decoder layer's input hidden states in `store[layer]`."""
+
+    def __init__(self, store: dict, layer: int):
+        self.store, self.layer = store, layer
+
+    def __call__(self, module, args, kwargs):
+        self.store[self.layer] = args[0] if args else kwargs["hidden_states"]
+
+
 class RetroModel(nn.Module):
     """A frozen HF causal LM plus a neighbour encoder (`encoder`) and gated CCA blocks (`cca[str(layer)]`)."""
 
@@ -79,6 +91,19 @@ class RetroModel(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         emb = base.get_input_embeddings().weight
+        self._step: _Step | None = None
+        self._checkpointing: dict | None = None  # torch.utils.checkpoint kwargs while gradient checkpointing is on
+        self._hooks, self._joint_original = [], None
+        layers = decoder_layers(base)
+        if config.attention == "joint":
+            # the frozen decoder encodes the neighbours; CCA reads them inside each chosen layer's own attention
+            attns = attention_modules(layers)
+            kv_heads = getattr(text_cfg, "num_key_value_heads", None) or heads
+            self.encoder = nn.Module()
+            self.cca = nn.ModuleDict({str(i): JointCCA(attns[i], heads, kv_heads) for i in config.cca_layers})
+            self.cca.to(device=emb.device)
+            self._bind_joint(attns)
+            return
         self.encoder = NeighbourEncoder(emb.shape[1], hidden, config.encoder_width, config.encoder_layers,
                                         config.encoder_heads, config.neighbour_length, config.encoder_mlp_ratio,
                                         config.dropout)
@@ -87,10 +112,14 @@ class RetroModel(nn.Module):
                                   for i in config.cca_layers})
         self.encoder.to(device=emb.device, dtype=emb.dtype)
         self.cca.to(device=emb.device, dtype=emb.dtype)
-        self._step: _Step | None = None
-        self._checkpointing: dict | None = None  # torch.utils.checkpoint kwargs while gradient checkpointing is on
-        layers = decoder_layers(base)
         self._hooks = [layers[i].register_forward_hook(_CCAHook(self, i)) for i in config.cca_layers]
+
+    def _bind_joint(self, attns: list[nn.Module]) -> None:
+        """Run the base under the joint attention implementation, each CCA layer's attention bound to this model."""
+        self._joint_original = self.base.config._attn_implementation
+        self.base.config._attn_implementation = implementation_name(self._joint_original)
+        for i in self.config.cca_layers:
+            attns[i]._retro_joint = JointBinding(self, i, self._joint_original.removeprefix("retro_joint_"))
 
     @property
     def chunk_size(self) -> int:
@@ -110,6 +139,10 @@ class RetroModel(nn.Module):
         previous-token projections of the induction path), "cca" (the rest of the CCA blocks) and "encoder" (the
         neighbour encoder)."""
         blocks = list(self.cca.values())
+        if self.config.attention == "joint":  # gates and score biases; "cca_qk" the neighbour keys, "cca" values
+            return {"gate": [p for block in blocks for p in (block.gate, block.bias)],
+                    "cca_qk": [p for block in blocks for p in block.k_proj.parameters()], "induction": [],
+                    "cca": [p for block in blocks for p in block.v_proj.parameters()], "encoder": []}
         gates = [p for block in blocks for p in (block.gate, block.sink)]
         qk = [p for block in blocks for mod in (block.q_proj, block.k_proj) for p in mod.parameters()]
         induction = [p for block in blocks
@@ -174,6 +207,12 @@ class RetroModel(nn.Module):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if self._joint_original is not None:
+            for attn in attention_modules(decoder_layers(self.base)):
+                if getattr(attn, "_retro_joint", None) is not None and attn._retro_joint.model is self:
+                    del attn._retro_joint
+            self.base.config._attn_implementation = self._joint_original
+            self._joint_original = None
 
     # -- forward -------------------------------------------------------------------------------------------------
 
@@ -209,6 +248,8 @@ class RetroModel(nn.Module):
             step = _Step(state, neighbours, attention_mask, n, tokens, torch.cat([first, tokens[:, :-1]], dim=1),
                          cached=cache is not None)
             state.last_token = tokens[:, -1:]
+            if self.config.attention == "joint":
+                self._encode_joint(step, position_ids)
         self._step = step
         try:
             out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -306,6 +347,67 @@ class RetroModel(nn.Module):
             full = full[:, c * m:]
         state.pending = full
 
+
+    # -- joint CCA (RetroConfig.attention="joint") ------------------------------------------------------------
+
+    def _encode_joint(self, step: _Step, position_ids: torch.Tensor | None) -> None:
+        """Encode the neighbours of every chunk this step finishes with the frozen decoder itself, and project them
+        into each CCA layer's neighbour keys and values (cached in the state as the chunks finish).
+
+        A chunk's neighbours take the positions just before the position of the chunk's last token (where reading
+        them starts), so at a fully open gate a layer reads them as if they stood right before its window."""
+        state, m = step.state, self.chunk_size
+        done, finished = state.joint_chunks, (state.offset + step.n) // m
+        if finished <= done:
+            return
+        nb = step.neighbours[:, done:finished]  # (B, c, K, R)
+        B, c, K, R = nb.shape
+        dev = nb.device
+        if position_ids is None:
+            position_ids = torch.arange(state.offset, state.offset + step.n, device=dev)[None].expand(B, -1)
+        last = torch.arange(done, finished, device=dev) * m + (m - 1) - state.offset  # (c,) index in this step
+        anchor = position_ids.to(dev)[:, last]  # (B, c) position of each chunk's last token
+        keys_at = anchor[:, :, None, None] - R + torch.arange(R, device=dev)  # (B, c, 1, R)
+        keys_at = keys_at.expand(B, c, K, R).reshape(-1, R)
+        flat = nb.reshape(-1, R)  # (B*c*K, R)
+        rows, inverse = torch.unique(flat, dim=0, return_inverse=True)  # chunks of one question share neighbours
+        body = getattr(self.base, "base_model", self.base)
+        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in body.parameters())
+        layers = decoder_layers(self.base)
+        states = {}  # layer -> its input over the neighbours (U, R, D); hooks, not output_hidden_states, which
+        # leaves capturing hooks on the model that pickle cannot store
+        hooks = [layers[i].register_forward_pre_hook(_LayerInput(states, i), with_kwargs=True)
+                 for i in self.config.cca_layers]
+        try:
+            with torch.set_grad_enabled(trainable):
+                body(input_ids=rows.clamp(min=0), attention_mask=(rows >= 0).long(), use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        rotary = body.rotary_emb
+        cos, sin = rotary(states[self.config.cca_layers[0]], keys_at)  # (B*c*K, R, d)
+        valid = (nb >= 0).reshape(B, c, K * R)
+        for i in self.config.cca_layers:
+            block = self.cca[str(i)]
+            normed = layers[i].input_layernorm(states[i])[inverse]  # (B*c*K, R, D): this layer's input, normed
+            k, v = block.project(normed, cos, sin)  # (B*c*K, H/G, R, d)
+            k = k.view(B, c, K, *k.shape[1:]).permute(0, 1, 3, 2, 4, 5).reshape(B, c, k.shape[1], K * R, -1)
+            v = v.view(B, c, K, *v.shape[1:]).permute(0, 1, 3, 2, 4, 5).reshape(B, c, v.shape[1], K * R, -1)
+            kv = state.cca_kv.setdefault(i, {})
+            kv["k"] = k if not done else torch.cat([kv["k"], k], dim=1)
+            kv["v"] = v if not done else torch.cat([kv["v"], v], dim=1)
+        state.encoded_valid = valid if not done else torch.cat([state.encoded_valid, valid], dim=1)
+        state.neighbour_length, state.joint_chunks = R, finished
+
+    def _joint_attend(self, layer: int, query, key, value, mask, scaling, base_out: torch.Tensor) -> torch.Tensor:
+        """Called from inside layer `layer`'s attention: its output with the chunk neighbours read in."""
+        step = self._step
+        if step is None or step.state.joint_chunks == 0:
+            return base_out
+        state, block = step.state, self.cca[str(layer)]
+        kv = state.cca_kv[layer]
+        return self._checkpointed(block, query, key, value, mask, scaling, base_out, kv["k"], kv["v"],
+                                  state.encoded_valid, state.offset, self.chunk_size)
 
 def retrofit(base: nn.Module, config: RetroConfig | None = None) -> RetroModel:
     """Wrap `base` (frozen, weights untouched) with a neighbour encoder and zero-gated CCA blocks."""

@@ -10,14 +10,19 @@ retro = pytest.importorskip("retro")
 M, K, R = 4, 2, 8
 ZERO_INIT = ("lora", "dora", "rslora", "vera", "ia3", "adapter", "loretta_adp", "loretta_rep", "bitfit", "full")
 # Combinations a method refuses, with the reason it gives (tested below); every other one must work.
-REFUSED = {("bitfit", "llama"): "no bias parameters", ("prefix_tuning", "retro"): "not available on RETRO"}
+REFUSED = {("bitfit", "llama"): "no bias parameters", ("prefix_tuning", "retro"): "not available on RETRO",
+           ("prefix_tuning", "retro_joint"): "not available on RETRO"}
+# RETRO kinds: "retro" (separate CCA and a trained encoder) on every family, "retro_joint" on Llama only
+KINDS = {"gpt": TINY_FAMILIES, "retro": TINY_FAMILIES, "retro_joint": ("llama",)}
 
 
 def method_config(method: str, kind: str) -> dict:
-    """A small configuration of each method; on RETRO it also reaches the added modules where it can."""
-    on_retro = kind == "retro"
+    """A small configuration of each method; on RETRO it also reaches the added modules where it can (joint CCA
+    has no encoder of its own)."""
+    on_retro = kind.startswith("retro")
     configs = {
-        "lora": {"r": 4, "targets": ["attention", "mlp"] + (["cca", "retro_encoder"] if on_retro else [])},
+        "lora": {"r": 4, "targets": ["attention", "mlp"] + (["cca"] if on_retro else [])
+                 + (["retro_encoder"] if kind == "retro" else [])},
         "dora": {"r": 4, "targets": ["attention", "mlp"] + (["cca"] if on_retro else [])},
         "rslora": {"r": 4, "targets": ["attention_qv", "mlp"]},
         "vera": {"r": 8, "targets": ["attention"] + (["cca"] if on_retro else [])},
@@ -25,8 +30,9 @@ def method_config(method: str, kind: str) -> dict:
         "ptuning": {"n_virtual": 3, "encoder_hidden": 16},
         "prompt_tuning": {"n_virtual": 3},
         "prefix_tuning": {"n_virtual": 3},
-        "adapter": {"bottleneck": 8, "blocks": ["decoder"] + (["retro_encoder"] if on_retro else [])},
-        "loretta_adp": {"bottleneck": 8, "tt_rank": 3, "blocks": ["decoder"] + (["retro_encoder"] if on_retro else [])},
+        "adapter": {"bottleneck": 8, "blocks": ["decoder"] + (["retro_encoder"] if kind == "retro" else [])},
+        "loretta_adp": {"bottleneck": 8, "tt_rank": 3,
+                        "blocks": ["decoder"] + (["retro_encoder"] if kind == "retro" else [])},
         "loretta_rep": {"r": 4, "tt_rank": 3, "targets": ["attention", "mlp"] + (["cca"] if on_retro else [])},
         "bitfit": {"train_norms": True},
         "full": {},
@@ -38,6 +44,10 @@ def build_base(kind: str, family: str, seed: int = 0) -> torch.nn.Module:
     lm = build_tiny_lm(family, seed=seed)
     if kind == "gpt":
         return lm
+    if kind == "retro_joint":
+        model = retro.retrofit(lm, retro.RetroConfig(chunk_size=M, num_neighbours=K, attention="joint"))
+        model.set_gates(0.5)
+        return model.eval()
     model = retro.retrofit(lm, retro.RetroConfig(chunk_size=M, num_neighbours=K))
     open_retro(model, 0.5)  # open the gates so retrieval (and adapters on CCA/encoder) shape the outputs
     return model.eval()
@@ -47,7 +57,7 @@ def batch(kind: str, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, TINY_VOCAB, (2, 10), generator=g)  # (B, T)
     out = {"input_ids": ids, "labels": ids}
-    if kind == "retro":
+    if kind.startswith("retro"):
         out["neighbours"] = torch.randint(0, TINY_VOCAB, (2, 3, K, R), generator=g)  # (B, L, K, R)
     return out
 
@@ -65,7 +75,7 @@ def perturb(model, seed: int = 1) -> None:
             param.add_(0.1 * torch.randn(param.shape, generator=g))
 
 
-CASES = [(m, k, f) for m in pm.known_methods() for k in ("gpt", "retro") for f in TINY_FAMILIES
+CASES = [(m, k, f) for m in pm.known_methods() for k, families in KINDS.items() for f in families
          if (m, k) not in REFUSED and (m, f) not in REFUSED]
 IDS = [f"{m}-{k}-{f}" for m, k, f in CASES]
 
@@ -156,7 +166,7 @@ def test_deep_copies_are_independent(method):
 
 @pytest.mark.parametrize("method,where", sorted(REFUSED), ids=[f"{m}-{w}" for m, w in sorted(REFUSED)])
 def test_refusals_say_why(method, where):
-    kind, family = ("retro", "gpt2") if where == "retro" else ("gpt", where)
+    kind, family = {"retro": ("retro", "gpt2"), "retro_joint": ("retro_joint", "llama")}.get(where, ("gpt", where))
     with pytest.raises(ValueError, match=REFUSED[(method, where)]):
         pm.apply_peft(build_base(kind, family), method_config(method, kind))
 
@@ -195,3 +205,8 @@ def test_norm_training_is_one_rule():
     # the default is each paper's: Houlsby adapters train their layers' norms, LoRA does not
     assert pm.count_trainable(pm.apply_peft(build_base("gpt", "llama"), {"method": "adapter"}))["norm"] == 4 * 64
     assert pm.count_trainable(pm.apply_peft(build_base("gpt", "llama"), {"method": "lora"}))["norm"] == 0
+
+
+def test_joint_retro_has_no_encoder_to_target():
+    with pytest.raises(ValueError, match="no trained neighbour encoder"):
+        pm.apply_peft(build_base("retro_joint", "llama"), {"method": "lora", "targets": ["retro_encoder"]})

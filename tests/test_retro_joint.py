@@ -1,0 +1,189 @@
+"""Joint CCA (RetroConfig.attention="joint") on a tiny Llama: exact at init, RETRO's causality, missing neighbours,
+cached forward, training, the families it refuses, and what it reads with its gates open."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+from conftest import TINY_VOCAB, build_tiny_lm
+from retro import RetroConfig, retrofit
+
+M, K, R = 4, 2, 8
+
+
+def neighbours(B, L, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, TINY_VOCAB, (B, L, K, R), generator=g)  # (B, L, K, R)
+
+
+def joint(gate=None, **kw):
+    kw = {"chunk_size": M, "num_neighbours": K, **kw}
+    model = retrofit(build_tiny_lm("llama"), RetroConfig(attention="joint", **kw))
+    if gate is not None:
+        model.set_gates(gate)
+    return model.eval()
+
+
+def logits(model, ids, nb, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, neighbours=nb, **kw).logits
+
+
+def test_exact_at_init_with_padding_and_cca_on_every_layer():
+    model = joint()
+    assert model.config.cca_layers == (0, 1, 2, 3)
+    ids = torch.randint(1, TINY_VOCAB, (2, 3 * M + 1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        want = model.base(input_ids=ids, attention_mask=mask).logits
+    got = logits(model, ids, neighbours(2, 4), attention_mask=mask)
+    assert (got - want).abs().max().item() == 0.0
+
+
+def test_neighbours_of_chunk_u_reach_only_positions_from_its_last_token():
+    model = joint(gate=2.0)
+    T = 4 * M - 1
+    ids = torch.randint(1, TINY_VOCAB, (1, T))
+    nb = neighbours(1, 4)
+    ref = logits(model, ids, nb)
+    for u in range(T // M):
+        other = nb.clone()
+        other[:, u] = neighbours(1, 1, seed=100 + u)[:, 0]
+        diff = (logits(model, ids, other) - ref).abs().amax(-1)[0]
+        first = (u + 1) * M - 1
+        assert diff[:first].max().item() == 0.0, f"chunk {u} neighbours leaked before position {first}"
+        assert diff[first:].max().item() > 1e-4, f"chunk {u} neighbours had no effect"
+
+
+def test_future_tokens_never_change_past_logits():
+    model = joint(gate=2.0)
+    T = 3 * M + 2
+    ids = torch.randint(1, TINY_VOCAB, (1, T))
+    nb = neighbours(1, 4)
+    ref = logits(model, ids, nb)
+    for t in (1, M - 1, M, 2 * M + 1, T - 1):
+        changed = ids.clone()
+        changed[0, t] = (changed[0, t] % (TINY_VOCAB - 1)) + 1
+        diff = (logits(model, changed, nb) - ref).abs().amax(-1)[0]
+        assert diff[:t].max().item() <= 1e-6
+        assert diff[t:].max().item() > 1e-4
+
+
+def test_missing_neighbours_read_nothing():
+    model = joint(gate=2.0)
+    ids = torch.randint(1, TINY_VOCAB, (2, 3 * M))
+    with torch.no_grad():
+        base = model.base(input_ids=ids).logits
+    assert (logits(model, ids, torch.full((2, 3, K, R), -1)) - base).abs().max().item() <= 1e-5
+    assert (logits(model, ids, None) - base).abs().max().item() == 0.0
+    partly = neighbours(2, 3)
+    partly[0, 0] = -1  # chunk 0 of row 0 has none: its window reads nothing
+    out = logits(model, ids, partly)
+    assert torch.isfinite(out).all()
+    assert (out[0, :2 * M - 1] - base[0, :2 * M - 1]).abs().max().item() <= 1e-5
+    assert (out[1, M - 1:] - base[1, M - 1:]).abs().max().item() > 1e-4
+
+
+def test_cached_forward_matches_full_forward():
+    model = joint(gate=2.0)
+    T = 3 * M + 1
+    ids = torch.randint(1, TINY_VOCAB, (2, T))
+    nb = neighbours(2, 4)
+    full = logits(model, ids, nb)
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :M + 1], neighbours=nb, use_cache=True)
+        parts, cache = [out.logits], out.past_key_values
+        for t in range(M + 1, T, 2):  # uneven steps cross chunk boundaries mid-step
+            out = model(input_ids=ids[:, t:t + 2], neighbours=nb, past_key_values=cache, use_cache=True)
+            parts.append(out.logits)
+    assert (torch.cat(parts, 1) - full).abs().max().item() <= 1e-5
+
+
+def test_an_open_gate_reads_a_neighbour_as_text_written_before_the_window():
+    """One chunk, one neighbour, every layer joint, gates open, no bias: the positions reading the neighbour see it
+    as the base sees the same tokens placed just before them (the neighbour keeps its own positions 0..R-1 in its
+    pass, so compare a base run on [neighbour ; window] with positions continuing from the neighbour's)."""
+    model = joint(gate=20.0, num_neighbours=1)
+    nb = torch.randint(1, TINY_VOCAB, (1, 2, 1, R))
+    ids = torch.randint(1, TINY_VOCAB, (1, M - 1 + 1))  # chunk 0 minus its last token, then the window's first
+    got = logits(model, ids, nb)[0, -1]
+    # the reference: the last position attends the neighbour and its own context; its own context in the model run
+    # also includes the first M - 1 tokens, so the reference keeps them after the neighbour, at their positions
+    seq = torch.cat([nb[0, 0, 0], ids[0]])[None]
+    pos = torch.cat([torch.arange(R) - R + (M - 1), torch.arange(M)])[None]
+    # tokens of chunk 0 (positions 0..M-2) must not see the neighbour, as in the model run
+    T = seq.shape[1]
+    allowed = torch.ones(T, T, dtype=torch.bool).tril()
+    allowed[R:R + M - 1, :R] = False
+    with torch.no_grad():
+        want = model.base(input_ids=seq, position_ids=pos, attention_mask=allowed[None, None]).logits[0, -1]
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_training_reaches_gates_biases_and_projections_only():
+    model = joint(gate=0.5).train()
+    ids = torch.randint(1, TINY_VOCAB, (2, 3 * M))
+    model(input_ids=ids, neighbours=neighbours(2, 3), labels=ids).loss.backward()
+    assert all(p.grad is None for p in model.base.parameters())
+    named = dict(model.named_parameters())
+    for layer in model.config.cca_layers:
+        for name in ("gate", "bias", "k_proj.weight", "v_proj.weight"):
+            grad = named[f"cca.{layer}.{name}"].grad
+            assert grad is not None and grad.abs().sum() > 0, (layer, name)
+    groups = model.retro_parameter_groups()
+    assert sum(len(v) for v in groups.values()) == len(list(model.retro_parameters()))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_families_without_llama_attention_are_refused(family):
+    with pytest.raises(ValueError, match="attention='separate'"):
+        retrofit(build_tiny_lm(family), RetroConfig(chunk_size=M, attention="joint"))
+
+
+def test_remove_hooks_restores_the_base():
+    model = joint(gate=2.0)
+    base = model.base
+    before = base.config._attn_implementation
+    assert before.startswith("retro_joint_")
+    model.remove_hooks()
+    assert base.config._attn_implementation == "sdpa"
+    assert not any(hasattr(layer.self_attn, "_retro_joint") for layer in base.model.layers)
+    fresh = build_tiny_lm("llama")
+    ids = torch.randint(1, TINY_VOCAB, (1, 2 * M))
+    with torch.no_grad():
+        assert (base(input_ids=ids).logits - fresh(input_ids=ids).logits).abs().max().item() == 0.0
+
+
+def test_deepcopy_and_pickle_read_through_their_own_blocks():
+    model = joint(gate=2.0)
+    ids = torch.randint(1, TINY_VOCAB, (1, 3 * M))
+    nb = neighbours(1, 3)
+    ref = logits(model, ids, nb)
+    twin = copy.deepcopy(model)
+    assert (logits(twin, ids, nb) - ref).abs().max().item() == 0.0
+    twin.set_gates(0.0)  # the copy's gates are its own: the original still reads
+    assert (logits(model, ids, nb) - ref).abs().max().item() == 0.0
+    assert (logits(twin, ids, nb) - logits(twin, ids, None)).abs().max().item() == 0.0
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert (logits(loaded, ids, nb) - ref).abs().max().item() == 0.0
+    assert pickle.loads(pickle.dumps(model)).config.attention == "joint"
+
+
+def test_state_dict_round_trip():
+    model = joint(gate=2.0)
+    with torch.no_grad():
+        for block in model.cca.values():
+            block.bias.normal_()
+    state = model.retro_state_dict()
+    assert not any(k.startswith("encoder.") for k in state)
+    other = joint()
+    other.cca.load_state_dict({k[len("cca."):]: v for k, v in state.items()})
+    ids = torch.randint(1, TINY_VOCAB, (1, 3 * M))
+    nb = neighbours(1, 3)
+    assert (logits(other, ids, nb) - logits(model, ids, nb)).abs().max().item() == 0.0
