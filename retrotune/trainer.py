@@ -305,7 +305,7 @@ def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules FSDP shards as units, innermost first: the decoder layers (the classes HF models name in
     `_no_split_modules`) and RETRO's CCA blocks and neighbour encoder; the rest (embeddings, final norm, LM head)
     stays with the root."""
-    names = {"ChunkedCrossAttention", "NeighbourEncoder"}
+    names = {"ChunkedCrossAttention", "NeighbourEncoder", "JointCCA"}
     for module in model.modules():
         names |= set(getattr(module, "_no_split_modules", None) or ())
     units = [m for m in model.modules() if type(m).__name__ in names and m is not model]

@@ -187,3 +187,48 @@ def test_state_dict_round_trip():
     ids = torch.randint(1, TINY_VOCAB, (1, 3 * M))
     nb = neighbours(1, 3)
     assert (logits(other, ids, nb) - logits(model, ids, nb)).abs().max().item() == 0.0
+
+
+@pytest.mark.integration
+def test_smollm2_joint_retrofit_reads_its_neighbours():
+    """SmolLM2 with joint CCA: exactly the base at step 0; after 8 steps that train only the added layers on demo
+    passages whose chunks get themselves and their continuation as neighbour, held-out loss with true neighbours is
+    clearly below the loss with another sequence's neighbours and below the base model's."""
+    import json
+    from pathlib import Path
+
+    from backbones import load_decoder
+
+    base, tok = load_decoder("smollm2-135m")
+    m = 64
+    rows = [json.loads(line) for line in (Path(__file__).parents[1] / "data/squad-demo/passages.jsonl").open()]
+    seqs = [ids[:3 * m] for ids in (tok(r["text"])["input_ids"] for r in rows) if len(ids) >= 3 * m][:20]
+    ids = torch.tensor(seqs)  # (N, 3m): two chunks read, the third is the second's continuation
+    nb = torch.stack([ids[:, :2 * m], ids[:, m:3 * m]], dim=1)[:, :, None]  # (N, 2, 1, 2m): chunk + continuation
+    x = ids[:, :2 * m]
+    y = x.clone()
+    y[:, :m] = -100  # the loss of the second chunk, the one whose positions read a neighbour
+    held = slice(16, 20)
+    model = retrofit(base, RetroConfig(chunk_size=m, num_neighbours=1, attention="joint"))
+
+    def loss(rows, neighbours):
+        with torch.no_grad():
+            return model(input_ids=x[rows], neighbours=neighbours, labels=y[rows]).loss.item()
+
+    with torch.no_grad():
+        assert (model(input_ids=x[held], neighbours=nb[held]).logits - base(input_ids=x[held]).logits).abs().max() == 0
+    groups = model.retro_parameter_groups()
+    optimiser = torch.optim.Adam([{"params": groups["gate"], "lr": 1e-1},
+                                  {"params": groups["cca_qk"] + groups["cca"], "lr": 1e-4}])
+    model.train()
+    for step in range(8):
+        rows_ = torch.arange(4) + (step % 4) * 4
+        model(input_ids=x[rows_], neighbours=nb[rows_], labels=y[rows_]).loss.backward()
+        optimiser.step()
+        optimiser.zero_grad()
+    model.eval()
+    true, shuffled = loss(held, nb[held]), loss(held, nb[held].roll(1, dims=0))
+    with torch.no_grad():
+        plain = base(input_ids=x[held], labels=y[held]).loss.item()
+    assert true < shuffled - 0.5 and true < plain - 0.5, (true, shuffled, plain)  # measured 0.99 / 1.75 / 1.79
+    model.remove_hooks()
