@@ -132,6 +132,63 @@ def child(kind: str, method: str, setup: Setup) -> dict:
     return out
 
 
+def head_to_head(kind: str, setup: Setup, rounds: int) -> dict:
+    """Unmerged inference of LoRA and LoRETTA_rep (both on q/k/v/o) against the frozen base, in one process:
+    the three models are timed in turn, the order rotating each round, and each round gives one ratio per method
+    (its best of three forwards over the base's), so machine noise hits all three alike. Returns, per method,
+    the median and quartiles of the ratios, and the share of rounds in which LoRETTA_rep was no slower than LoRA."""
+    import copy
+
+    import torch
+
+    import peft_methods as pm
+    from retrotune.parameter_table import load_cli_decoder
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = load_cli_decoder(None, setup.tiny).to(device)
+    if kind == "retro":
+        from retro import RetroConfig, retrofit
+
+        base = retrofit(base, RetroConfig(chunk_size=setup.chunk_size, num_neighbours=setup.neighbours))
+    torch.manual_seed(1)
+    vocab = base.get_input_embeddings().weight.shape[0]
+    inputs = {"input_ids": torch.randint(0, vocab, (setup.batch, setup.seq_len), device=device)}
+    if kind == "retro":
+        L, R = -(-setup.seq_len // setup.chunk_size), 2 * setup.chunk_size
+        inputs["neighbours"] = torch.randint(0, vocab, (setup.batch, L, setup.neighbours, R), device=device)
+    models = {"base": base, "lora": pm.apply_peft(copy.deepcopy(base), METHODS["lora"]),
+              "loretta_rep": pm.apply_peft(copy.deepcopy(base), METHODS["loretta_rep_qkvo"])}
+    for model in models.values():
+        model.eval()
+
+    def best_of_three(model) -> float:
+        times = []
+        with torch.no_grad():
+            model(**inputs)  # warm-up
+            for _ in range(3):
+                t0 = time.perf_counter()
+                model(**inputs)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+        return min(times)
+
+    names = list(models)
+    per_round = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % 3:] + names[:r % 3]:
+            per_round[name].append(best_of_three(models[name]))
+    ratios = {name: [t / b for t, b in zip(per_round[name], per_round["base"])] for name in ("lora", "loretta_rep")}
+
+    def spread(values):
+        q = statistics.quantiles(values, n=4)
+        return {"median": statistics.median(values), "q1": q[0], "q3": q[2]}
+
+    wins = sum(a <= b for a, b in zip(ratios["loretta_rep"], ratios["lora"])) / rounds
+    return {"rounds": rounds, "lora": spread(ratios["lora"]), "loretta_rep": spread(ratios["loretta_rep"]),
+            "loretta_no_slower_share": wins}
+
+
 def run_child(kind: str, method: str, setup: Setup) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_peft", "--child", kind, method, "--setup", json.dumps(asdict(setup))]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -140,7 +197,7 @@ def run_child(kind: str, method: str, setup: Setup) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def report(results: dict[str, dict[str, dict]], setup: Setup) -> str:
+def report(results: dict[str, dict[str, dict]], setup: Setup, head_to_heads: dict | None = None) -> str:
     lines = ["## PEFT methods: step time, inference latency and memory against the frozen base", ""]
     size = "toy 4-layer Llama" if setup.tiny else "SmolLM2-135M"
     lines.append(f"{size}, batch {setup.batch} x {setup.seq_len} tokens; RETRO: chunk {setup.chunk_size}, "
@@ -158,12 +215,19 @@ def report(results: dict[str, dict[str, dict]], setup: Setup) -> str:
         lines += ["", f"### {kind.upper()}", "", md_table(headers, table)]
         if "lora" in rows and "loretta_rep_qkvo" in rows:
             lora, rep = rows["lora"], rows["loretta_rep_qkvo"]
-            over_rep, over_lora = rep["infer_s"] / base["infer_s"], lora["infer_s"] / base["infer_s"]
             lines += ["", f"LoRETTA_rep vs LoRA ({kind}, both on q/k/v/o, r=8): "
                           f"{fmt(rep['trainable'] / lora['trainable'])}x the parameters, "
-                          f"{fmt(rep['step_s'] / lora['step_s'])}x the step time; unmerged inference overhead "
-                          f"{fmt(over_rep)}x vs LoRA's {fmt(over_lora)}x "
-                          f"(target LoRETTA_rep <= LoRA: {'met' if over_rep <= over_lora else 'missed'})."]
+                          f"{fmt(rep['step_s'] / lora['step_s'])}x the step time."]
+        duel = (head_to_heads or {}).get(kind)
+        if duel:
+            lo, re = duel["lora"], duel["loretta_rep"]
+            met = re["median"] <= lo["median"]
+            lines += ["", f"Unmerged inference overhead over the frozen base ({kind}, one process, {duel['rounds']} "
+                          f"interleaved rounds, median [quartiles]): LoRETTA_rep {fmt(re['median'])}x "
+                          f"[{fmt(re['q1'])}, {fmt(re['q3'])}], LoRA {fmt(lo['median'])}x [{fmt(lo['q1'])}, "
+                          f"{fmt(lo['q3'])}]; LoRETTA_rep no slower than LoRA in "
+                          f"{duel['loretta_no_slower_share']:.0%} of the rounds "
+                          f"(target LoRETTA_rep <= LoRA: {'met' if met else 'missed'})."]
         if "loretta_adp" in rows and "adapter" in rows:
             adp, ada = rows["loretta_adp"], rows["adapter"]
             lines += ["", f"LoRETTA_adp vs adapters ({kind}): {fmt(adp['trainable'] / ada['trainable'])}x the "
@@ -176,6 +240,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tiny", action="store_true", help="toy model and batch (seconds)")
     parser.add_argument("--no-retro", action="store_true", help="GPT only")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="only these methods (default: all)")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds of the LoRA vs LoRETTA_rep "
+                        "inference comparison (0: skip it)")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -198,7 +264,11 @@ def main(argv=None) -> None:
     for kind, method in tqdm(jobs, desc="bench_peft", file=sys.stderr):
         # Toy runs stay in this process (seconds); their memory column is then only indicative.
         results[kind][method] = child(kind, method, setup) if setup.tiny else run_child(kind, method, setup)
-    print(report(results, setup))
+    duels = {}
+    if {"lora", "loretta_rep_qkvo"} <= set(methods) and args.rounds:
+        for kind in tqdm(kinds, desc="LoRA vs LoRETTA_rep", file=sys.stderr):
+            duels[kind] = head_to_head(kind, setup, args.rounds)
+    print(report(results, setup, duels))
 
 
 if __name__ == "__main__":

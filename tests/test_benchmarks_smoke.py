@@ -111,3 +111,19 @@ def test_retro_pytorch_tiny_comparison_when_env_present():
     assert float(rows[0][-1]) == pytest.approx(1.0)
     # retro-fit mode trains only the added modules: fewer parameters require grad than in the all-trainable row
     assert float(rows[2][3]) < float(rows[1][3]) == pytest.approx(float(rows[1][2]))
+
+
+def test_bench_peft_compares_lora_and_loretta_rep_inference_in_one_process(capsys):
+    from benchmarks import bench_peft
+
+    bench_peft.main(["--tiny", "--methods", "lora", "loretta_rep_qkvo", "--rounds", "3"])
+    out = capsys.readouterr().out
+    for kind in ("gpt", "retro"):
+        found = re.search(rf"Unmerged inference overhead over the frozen base \({kind}, one process, 3 interleaved "
+                          rf"rounds, median \[quartiles\]\): LoRETTA_rep ([\d.]+)x \[[\d.]+, [\d.]+\], LoRA "
+                          rf"([\d.]+)x .*\(target LoRETTA_rep <= LoRA: (met|missed)\)", out)
+        assert found, out
+        rep, lora, verdict = float(found[1]), float(found[2]), found[3]
+        assert rep > 0 and lora > 0
+        if rep != lora:  # the verdict compares the unrounded medians
+            assert verdict == ("met" if rep < lora else "missed"), out

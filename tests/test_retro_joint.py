@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_VOCAB, build_tiny_lm
+from test_retro_model import check_cached_forward, check_causal, check_chunk_reach
 from retro import RetroConfig, retrofit
 
 M, K, R = 4, 2, 8
@@ -44,32 +45,11 @@ def test_exact_at_init_with_padding_and_cca_on_every_layer():
 
 
 def test_neighbours_of_chunk_u_reach_only_positions_from_its_last_token():
-    model = joint(gate=2.0)
-    T = 4 * M - 1
-    ids = torch.randint(1, TINY_VOCAB, (1, T))
-    nb = neighbours(1, 4)
-    ref = logits(model, ids, nb)
-    for u in range(T // M):
-        other = nb.clone()
-        other[:, u] = neighbours(1, 1, seed=100 + u)[:, 0]
-        diff = (logits(model, ids, other) - ref).abs().amax(-1)[0]
-        first = (u + 1) * M - 1
-        assert diff[:first].max().item() == 0.0, f"chunk {u} neighbours leaked before position {first}"
-        assert diff[first:].max().item() > 1e-4, f"chunk {u} neighbours had no effect"
+    check_chunk_reach(joint(gate=2.0))
 
 
 def test_future_tokens_never_change_past_logits():
-    model = joint(gate=2.0)
-    T = 3 * M + 2
-    ids = torch.randint(1, TINY_VOCAB, (1, T))
-    nb = neighbours(1, 4)
-    ref = logits(model, ids, nb)
-    for t in (1, M - 1, M, 2 * M + 1, T - 1):
-        changed = ids.clone()
-        changed[0, t] = (changed[0, t] % (TINY_VOCAB - 1)) + 1
-        diff = (logits(model, changed, nb) - ref).abs().amax(-1)[0]
-        assert diff[:t].max().item() <= 1e-6
-        assert diff[t:].max().item() > 1e-4
+    check_causal(joint(gate=2.0))
 
 
 def test_missing_neighbours_read_nothing():
@@ -88,18 +68,7 @@ def test_missing_neighbours_read_nothing():
 
 
 def test_cached_forward_matches_full_forward():
-    model = joint(gate=2.0)
-    T = 3 * M + 1
-    ids = torch.randint(1, TINY_VOCAB, (2, T))
-    nb = neighbours(2, 4)
-    full = logits(model, ids, nb)
-    with torch.no_grad():
-        out = model(input_ids=ids[:, :M + 1], neighbours=nb, use_cache=True)
-        parts, cache = [out.logits], out.past_key_values
-        for t in range(M + 1, T, 2):  # uneven steps cross chunk boundaries mid-step
-            out = model(input_ids=ids[:, t:t + 2], neighbours=nb, past_key_values=cache, use_cache=True)
-            parts.append(out.logits)
-    assert (torch.cat(parts, 1) - full).abs().max().item() <= 1e-5
+    check_cached_forward(joint(gate=2.0))
 
 
 def test_an_open_gate_reads_a_neighbour_as_text_written_before_the_window():

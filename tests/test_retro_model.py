@@ -71,7 +71,11 @@ def test_base_untouched_and_frozen(tiny_lm):
 
 
 def test_neighbours_of_chunk_u_reach_only_positions_from_its_last_token(tiny_lm):
-    model = make(tiny_lm)
+    check_chunk_reach(make(tiny_lm))
+
+
+def check_chunk_reach(model):
+    """Chunk u's neighbours change nothing before position (u + 1) m - 1 and something from there on."""
     T = 4 * M - 1  # not a multiple of m
     ids = torch.randint(1, TINY_VOCAB, (1, T))
     nb = random_neighbours(1, 4)
@@ -86,7 +90,10 @@ def test_neighbours_of_chunk_u_reach_only_positions_from_its_last_token(tiny_lm)
 
 
 def test_future_tokens_never_change_past_logits(tiny_lm):
-    model = make(tiny_lm)
+    check_causal(make(tiny_lm))
+
+
+def check_causal(model):
     T = 3 * M + 2
     ids = torch.randint(1, TINY_VOCAB, (1, T))
     nb = random_neighbours(1, 4)
@@ -142,7 +149,10 @@ def test_loss_trains_only_retro_parameters(tiny_lm):
 
 
 def test_cached_forward_matches_full_forward(tiny_lm):
-    model = make(tiny_lm)
+    check_cached_forward(make(tiny_lm))
+
+
+def check_cached_forward(model):
     T = 3 * M + 1
     ids = torch.randint(1, TINY_VOCAB, (2, T))
     nb = random_neighbours(2, 4)
