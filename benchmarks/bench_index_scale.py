@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import PeakSampler, fmt, md_table  # noqa: E402
+from retrieval.embed import load_embeddings  # noqa: E402
 from retrieval.index import IndexConfig, build_faiss_index, plan_index, search_index  # noqa: E402
 from retrieval.ondisk import (build_ondisk_index, exact_knn, iter_shards, load_ondisk, refine_search,  # noqa: E402
                               resident_bytes, stored_vectors)
@@ -73,7 +74,7 @@ def measure(folder: Path, emb: Path, n: int, dim: int, cfg: IndexConfig, queries
                                                     shard_size=shard)
             index = None
         else:
-            vectors = np.concatenate([np.asarray(x) for _, x in iter_shards(emb)])
+            vectors = load_embeddings(emb, n)  # what `python -m retrieval build` does
             index, factory, nprobe, _ = build_faiss_index(vectors, cfg, progress=False)
             del vectors
         build_s = time.perf_counter() - t
@@ -168,7 +169,7 @@ def measure_hnsw(folder, emb, n, dim, cfg, queries, exact, index_mod):
     try:
         with PeakSampler() as build_mem:
             t = time.perf_counter()
-            vectors = np.concatenate([np.asarray(x) for _, x in iter_shards(emb)])
+            vectors = load_embeddings(emb, n)
             got = index_mod.build_hnsw_if_faster(vectors, cfg, progress=False)
             build_s = time.perf_counter() - t
         base_s = flat_add_seconds(emb, dim, fits=True)

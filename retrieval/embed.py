@@ -151,7 +151,15 @@ def load_embeddings(directory: str | Path, num_chunks: int, shard_size: int | No
         shards = [p for p in shards if p.exists()]
     else:
         shards = sorted(p for p in d.glob("shard_[0-9][0-9][0-9][0-9][0-9].npy"))
-    vecs = np.concatenate([np.load(p) for p in shards]) if shards else np.zeros((0, 0), np.float32)
+    if not shards:
+        vecs = np.zeros((0, 0), np.float32)
+    else:  # filled shard by shard from memory maps: one copy of the vectors in memory, not a list and its concatenation
+        maps = [np.load(p, mmap_mode="r") for p in shards]
+        vecs = np.empty((sum(len(x) for x in maps), maps[0].shape[1]), np.float32)
+        lo = 0
+        for x in maps:
+            vecs[lo:lo + len(x)] = x
+            lo += len(x)
     if len(vecs) != num_chunks:
         raise EmbeddingStateError(f"{d}: shards hold {len(vecs)} vectors but the chunk database has {num_chunks}; "
                                   f"rerun the build to finish embedding")

@@ -60,6 +60,12 @@ class JointCCA(nn.Module):
     def __init__(self, attn: nn.Module, heads: int, kv_heads: int):
         super().__init__()
         self.heads, self.kv_heads = heads, kv_heads
+        for proj in (attn.k_proj, attn.v_proj):
+            if type(proj) is not nn.Linear:
+                raise ValueError(f"RetroConfig.attention='joint' starts its neighbour projections as trainable copies "
+                                 f"of each layer's k_proj/v_proj, which must be torch.nn.Linear; this base has "
+                                 f"{type(proj).__name__} (a quantised base?). Retro-fit an unquantised base, or use "
+                                 f"attention='separate'")
         self.head_dim = attn.q_proj.out_features // heads
         self.k_proj = copy.deepcopy(attn.k_proj)
         self.v_proj = copy.deepcopy(attn.v_proj)

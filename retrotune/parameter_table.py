@@ -149,6 +149,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         chunk = 4 if args.tiny else args.chunk_size
         models["RETRO"] = lambda: retrofit(base(), RetroConfig(chunk_size=chunk))
+
+        def joint() -> nn.Module:
+            return retrofit(base(), RetroConfig(chunk_size=chunk, attention="joint"))
+
+        try:
+            joint()
+            models["RETRO joint CCA"] = joint
+        except ValueError:  # joint CCA reads through Llama-style attention only
+            pass
     print(parameter_table(models))
     return 0
 

@@ -112,6 +112,17 @@ def test_families_without_llama_attention_are_refused(family):
         retrofit(build_tiny_lm(family), RetroConfig(chunk_size=M, attention="joint"))
 
 
+def test_projections_that_are_not_plain_linear_layers_are_refused():
+    class Quantised(torch.nn.Linear):  # stands in for a bitsandbytes layer
+        pass
+
+    base = build_tiny_lm("llama")
+    old = base.model.layers[1].self_attn.k_proj
+    base.model.layers[1].self_attn.k_proj = Quantised(old.in_features, old.out_features, bias=False)
+    with pytest.raises(ValueError, match="must be torch.nn.Linear; this base has Quantised"):
+        retrofit(base, RetroConfig(chunk_size=M, attention="joint"))
+
+
 def test_remove_hooks_restores_the_base():
     model = joint(gate=2.0)
     base = model.base
