@@ -43,7 +43,8 @@ def write_shards(folder: Path, n: int, dim: int, shard: int, data: str, centres:
         x = rng.standard_normal((m, dim), dtype=np.float32)
         if data == "clustered":
             x = centres[rng.integers(0, len(centres), m)] + 0.6 / np.sqrt(dim) * x
-        np.save(folder / f"shard_{s:05d}.npy", x / np.linalg.norm(x, axis=1, keepdims=True))
+        # float32, as a build stores its embeddings (a float64 scalar above would otherwise promote the shard)
+        np.save(folder / f"shard_{s:05d}.npy", (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
 
 
 def queries_like(n: int, dim: int, data: str, centres: np.ndarray, seed: int) -> np.ndarray:
@@ -51,7 +52,7 @@ def queries_like(n: int, dim: int, data: str, centres: np.ndarray, seed: int) ->
     x = rng.standard_normal((n, dim), dtype=np.float32)
     if data == "clustered":
         x = centres[rng.integers(0, len(centres), n)] + 0.6 / np.sqrt(dim) * x
-    return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True))
+    return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)
 
 
 def flat_add_seconds(emb: Path, dim: int, fits: bool) -> float:
