@@ -8,7 +8,8 @@ Vectors (clustered Gaussian mixture or isotropic, L2-normalised) are generated s
 embedding shards on disk, as a build leaves them, so 10M never sit in memory. Each row then runs the build path of
 `python -m retrieval build` from those shards (`plan_index`, then the in-memory `build_faiss_index` or the
 on-disk `build_ondisk_index`) and reports:
-- peak RSS of the build and of the search (sampled; the shards are read through memory maps),
+- peak RSS of the build and of the search (sampled; the shards are read through memory maps; an on-disk index is
+  searched in a fresh process, so its peak is what a search process holds),
 - build time and its ratio to an encode-free add: reading the same shards into a plain IndexFlatIP (one shard at
   a time when the vectors exceed the budget), the least any index build from stored vectors costs,
 - recall@10 against exact search (computed shard by shard) on held-out queries from the same distribution,
@@ -71,8 +72,8 @@ def measure(folder: Path, emb: Path, n: int, dim: int, cfg: IndexConfig, queries
     with PeakSampler() as build_mem:
         t = time.perf_counter()
         if plan.on_disk:
-            factory, nprobe, _ = build_ondisk_index(folder, emb, n, plan.factory, cfg, progress=False,
-                                                    shard_size=shard)
+            factory, nprobe, refine, _ = build_ondisk_index(folder, emb, n, plan.factory, cfg, progress=False,
+                                                            shard_size=shard)
             index = None
         else:
             vectors = load_embeddings(emb, n)  # what `python -m retrieval build` does
@@ -81,28 +82,65 @@ def measure(folder: Path, emb: Path, n: int, dim: int, cfg: IndexConfig, queries
         build_s = time.perf_counter() - t
     gc.collect()
     base_s = flat_add_seconds(emb, dim, fits=not plan.on_disk)
-    with PeakSampler() as search_mem:
-        if plan.on_disk:
-            index = load_ondisk(folder)
-            faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
-            cache: dict = {}
-
-            def search(q):
-                return refine_search(index, q, 10, cfg.refine, lambda ids: stored_vectors(emb, shard, ids, cache))
-        else:
-            def search(q):
-                return search_index(index, q, 10)
-        search(queries[:10])
-        t = time.perf_counter()
-        _, ids = search(queries)
-        search_s = time.perf_counter() - t
+    if plan.on_disk:  # searched in a fresh process, as a user's search would be: its peak is the search's own
+        ids, search_s, search_peak = search_in_child(folder, emb, nprobe, refine, shard, queries)
+        index = load_ondisk(folder)
+    else:
+        with PeakSampler() as search_mem:
+            search_index(index, queries[:10], 10)
+            t = time.perf_counter()
+            _, ids = search_index(index, queries, 10)
+            search_s = time.perf_counter() - t
+        search_peak = search_mem.peak
     recall = np.mean([len(set(a[a >= 0]) & set(e)) / 10 for a, e in zip(ids, exact)])
-    setting = f"nprobe {nprobe}" if nprobe else (f"efSearch {faiss.downcast_index(index).hnsw.efSearch}"
+    setting = (f"nprobe {nprobe}" + (f", refine {refine}" if plan.on_disk else "")) if nprobe else (f"efSearch {faiss.downcast_index(index).hnsw.efSearch}"
                                                 if factory.startswith("HNSW") else "-")
     resident = fmt(resident_bytes(index) / 2 ** 20) if plan.on_disk else "-"
     return [label, f"{n:,}", factory + (" (on disk)" if plan.on_disk else ""), setting, fmt(build_s),
-            fmt(build_s / base_s), f"{build_mem.peak / 2 ** 30:.2f}", f"{search_mem.peak / 2 ** 30:.2f}", resident,
+            fmt(build_s / base_s), f"{build_mem.peak / 2 ** 30:.2f}", f"{search_peak / 2 ** 30:.2f}", resident,
             f"{recall:.3f}", fmt(len(queries) / search_s)]
+
+
+def search_on_disk(folder: Path, emb: Path, nprobe: int, refine: int, shard: int, queries: np.ndarray):
+    """(ids (Q, 10), seconds for the batch after a 10-query warm-up) of the on-disk index in `folder`."""
+    index = load_ondisk(folder)
+    faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
+    cache: dict = {}
+
+    def search(q):
+        return refine_search(index, q, 10, refine, lambda ids: stored_vectors(emb, shard, ids, cache))
+
+    search(queries[:10])
+    t = time.perf_counter()
+    _, ids = search(queries)
+    return ids, time.perf_counter() - t
+
+
+def search_in_child(folder: Path, emb: Path, nprobe: int, refine: int, shard: int, queries: np.ndarray):
+    """search_on_disk in a new Python process: (ids, seconds, that process's peak RSS in bytes)."""
+    import json
+    import subprocess
+
+    np.save(folder / "bench_queries.npy", queries)
+    spec = json.dumps({"folder": str(folder), "emb": str(emb), "nprobe": int(nprobe), "refine": int(refine),
+                       "shard": int(shard)})
+    done = subprocess.run([sys.executable, __file__, "--search-child", spec], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"search child failed:\n{done.stderr[-3000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return np.load(folder / "bench_ids.npy"), out["seconds"], out["peak"]
+
+
+def search_child(spec: str) -> None:
+    import json
+
+    a = json.loads(spec)
+    folder = Path(a["folder"])
+    with PeakSampler() as mem:
+        ids, seconds = search_on_disk(folder, Path(a["emb"]), a["nprobe"], a["refine"], a["shard"],
+                                      np.load(folder / "bench_queries.npy"))
+    np.save(folder / "bench_ids.npy", ids)
+    print(json.dumps({"seconds": seconds, "peak": mem.peak}))
 
 
 def main(argv=None) -> int:
@@ -118,7 +156,11 @@ def main(argv=None) -> int:
                    "first --n)")
     p.add_argument("--workdir", default=None, help="where the shards go (default: a temporary folder)")
     p.add_argument("--tiny", action="store_true", help="5k x 16-d, 16 KiB budget (smoke test)")
+    p.add_argument("--search-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.search_child:
+        search_child(args.search_child)
+        return 0
     flat_threshold = 100_000
     if args.tiny:
         args.n, args.dim, args.budget_gb, args.queries, args.shard = [5_000], 16, 2 ** -16, 20, 1_000

@@ -49,6 +49,13 @@ class Setup:
     chunk_size: int = 64
     neighbours: int = 2
     repeats: int = 3  # timed repetitions after one warm-up; the median is reported
+    # RETRO's layout: the shipped configs' joint CCA by default (`--retro '{"attention": "separate"}'` for the other)
+    retro: tuple = (("attention", "joint"),)
+
+    def retro_config(self):
+        from retro import RetroConfig
+
+        return RetroConfig(chunk_size=self.chunk_size, num_neighbours=self.neighbours, **dict(self.retro))
 
 
 def _timed(fn, repeats: int, device) -> float:
@@ -75,9 +82,9 @@ def child(kind: str, method: str, setup: Setup) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_cli_decoder(None, setup.tiny).to(device)
     if kind == "retro":
-        from retro import RetroConfig, retrofit
+        from retro import retrofit
 
-        model = retrofit(model, RetroConfig(chunk_size=setup.chunk_size, num_neighbours=setup.neighbours))
+        model = retrofit(model, setup.retro_config())
     torch.manual_seed(1)
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(0, vocab, (setup.batch, setup.seq_len), device=device)  # (B, T)
@@ -147,9 +154,9 @@ def head_to_head(kind: str, setup: Setup, rounds: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = load_cli_decoder(None, setup.tiny).to(device)
     if kind == "retro":
-        from retro import RetroConfig, retrofit
+        from retro import retrofit
 
-        base = retrofit(base, RetroConfig(chunk_size=setup.chunk_size, num_neighbours=setup.neighbours))
+        base = retrofit(base, setup.retro_config())
     torch.manual_seed(1)
     vocab = base.get_input_embeddings().weight.shape[0]
     inputs = {"input_ids": torch.randint(0, vocab, (setup.batch, setup.seq_len), device=device)}
@@ -201,7 +208,7 @@ def report(results: dict[str, dict[str, dict]], setup: Setup, head_to_heads: dic
     lines = ["## PEFT methods: step time, inference latency and memory against the frozen base", ""]
     size = "toy 4-layer Llama" if setup.tiny else "SmolLM2-135M"
     lines.append(f"{size}, batch {setup.batch} x {setup.seq_len} tokens; RETRO: chunk {setup.chunk_size}, "
-                 f"{setup.neighbours} neighbours; median of {setup.repeats} runs after a warm-up; device "
+                 f"{setup.neighbours} neighbours, {dict(setup.retro)}; median of {setup.repeats} runs after a warm-up; device "
                  f"{next(iter(next(iter(results.values())).values()))['device']}.")
     headers = ["method", "trainable", "step / base fwd+bwd", "step (s)", "inference / base", "merged inference / base",
                "peak above load (MiB)"]
@@ -242,13 +249,17 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="only these methods (default: all)")
     parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds of the LoRA vs LoRETTA_rep "
                         "inference comparison (0: skip it)")
+    parser.add_argument("--retro", type=json.loads, default={"attention": "joint"},
+                        help='RETRO config fields as JSON (default: the shipped layout, {"attention": "joint"})')
     parser.add_argument("--child", nargs=2, metavar=("KIND", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(*args.child, Setup(**json.loads(args.setup)))))
         return
-    setup = Setup(tiny=True, batch=2, seq_len=32, chunk_size=4) if args.tiny else Setup()
+    retro_fields = tuple(sorted(args.retro.items()))
+    setup = (Setup(tiny=True, batch=2, seq_len=32, chunk_size=4, retro=retro_fields) if args.tiny
+             else Setup(retro=retro_fields))
     kinds = ["gpt"]
     if not args.no_retro:
         try:

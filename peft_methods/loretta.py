@@ -148,7 +148,26 @@ class TTLoRALayer(nn.Module):
         out = self.base_layer(x)
         if self.merged:
             return out
+        if not torch.is_grad_enabled() and (not self.training or self.dropout.p == 0):
+            # inference: the two dense factors, cached while the cores are unchanged, in one fused multiply-add
+            a, b = self._inference_factors()
+            flat = x.reshape(-1, a.shape[0])
+            return torch.addmm(out.reshape(-1, b.shape[1]), flat @ a.to(x.dtype), b.to(out.dtype)).view(out.shape)
         return out + self.scaling * self.tt_b(self.tt_a(self.dropout(x))).to(out.dtype)
+
+    def _inference_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (in, r), scaling * B (r, out)), rebuilt when a core changed (in place, moved or replaced)."""
+        key = tuple((c._version, c.data_ptr(), c.dtype) for m in (self.tt_a, self.tt_b) for c in m.cores)
+        cache = self.__dict__.get("_factors")
+        if cache is None or cache[0] != key:
+            cache = (key, self.tt_a.dense(), self.scaling * self.tt_b.dense())
+            self.__dict__["_factors"] = cache
+        return cache[1], cache[2]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_factors", None)
+        return state
 
     @torch.no_grad()
     def merge(self) -> None:

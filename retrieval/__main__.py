@@ -111,14 +111,20 @@ def cmd_build(args) -> int:
                           normalize={"auto": None, "yes": True, "no": False}[args.normalize])
     except ValueError as e:
         raise BuildSettingsError(f"build flags: {e}") from None
+    if args.device is None and "LOCAL_RANK" in os.environ:  # under torchrun: one device per rank
+        import torch
+
+        if torch.cuda.is_available():
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
     manifest = build_index(docs, out, tokenizer=load_tokenizer(args.tokenizer),
                            embedder=load_encoder(args.embedder, device=args.device, pooling=args.pooling),
                            config=cfg, tokenizer_alias=args.tokenizer, embedder_alias=args.embedder, source=args.corpus,
                            query_embedder=load_encoder(args.query_embedder, device=args.device, pooling=args.pooling)
                            if args.query_embedder else None, query_embedder_alias=args.query_embedder)
-    print(json.dumps({k: manifest[k] for k in ("num_documents", "num_chunks", "factory", "nprobe",
-                                               "tuned_recall_at_10", "last_run_seconds")}, indent=2))
-    print(f"index written to {out}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({k: manifest[k] for k in ("num_documents", "num_chunks", "factory", "nprobe",
+                                                   "tuned_recall_at_10", "last_run_seconds")}, indent=2))
+        print(f"index written to {out}", file=sys.stderr)
     return 0
 
 

@@ -12,11 +12,15 @@ Beside the directory, `.NAME.lock` is held while a build runs: a second build of
 
 Rerunning an interrupted build with the same settings resumes it: a finished chunk database and every embedded
 group of `batch_size * 4` chunks are reused (see embed.py), whatever the size of the corpus.
+
+Under torchrun the ranks share one build (distributed.py): rank 0 holds the lock, chunks and writes the manifest;
+the embedding shards and the parts of an on-disk index are split between the ranks.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +31,7 @@ import faiss
 
 from .chunks import ChunkDB, chunk_documents, write_chunk_db
 from .corpus import CorpusError, Document, corpus_hash
+from .distributed import SINGLE, Ranks, ranks_from_env
 from .embed import default_devices, embed_chunk_db, load_embeddings
 from .encoders import document_encode_fn, is_default, resolve_encoding
 from .index import IndexConfig, build_faiss_index, plan_index
@@ -114,15 +119,20 @@ def build_index(docs: Sequence[Document], directory: str | Path, *, tokenizer, e
     corpus path) is recorded to name the rebuild command in error messages. `query_embedder`: a separate query
     encoder (DPR, Dragon+); `embedder` then encodes the documents."""
     cfg = config or BuildConfig()
+    ranks = ranks_from_env()
+    if not ranks.main:  # rank 0 holds the lock for the whole group
+        return _build_locked(docs, Path(directory), tokenizer, embedder, cfg, tokenizer_alias, embedder_alias,
+                             False, source, query_embedder, query_embedder_alias, ranks)  # bars: rank 0's
     with build_lock(directory, cfg.wait_for_lock):
         return _build_locked(docs, Path(directory), tokenizer, embedder, cfg, tokenizer_alias, embedder_alias,
-                             progress, source, query_embedder, query_embedder_alias)
+                             progress, source, query_embedder, query_embedder_alias, ranks)
 
 
 def _build_locked(docs, d: Path, tokenizer, embedder, cfg: BuildConfig, tokenizer_alias, embedder_alias, progress,
-                  source, query_embedder=None, query_embedder_alias=None) -> dict:
-    if cfg.overwrite and d.exists():
+                  source, query_embedder=None, query_embedder_alias=None, ranks: Ranks = SINGLE) -> dict:
+    if ranks.main and cfg.overwrite and d.exists():
         shutil.rmtree(d)
+    ranks.barrier()
     if (d / MANIFEST).exists():
         raise BuildSettingsError(f"{d} already holds a finished index; pass --overwrite (overwrite=True) to "
                                  f"rebuild it, or pick another name")
@@ -148,35 +158,48 @@ def _build_locked(docs, d: Path, tokenizer, embedder, cfg: BuildConfig, tokenize
     if not is_default(encoding, query_embedder is not None):  # recorded only when it differs from older builds
         settings["encoding"] = {**encoding.to_dict(), "query_encoder": query_record["fingerprint"]}
     records = None
-    if not (d / "chunks" / "info.json").exists():
+    if ranks.main and not (d / "chunks" / "info.json").exists():
         # chunk before anything is written: a corpus that yields no chunk leaves no folder behind
         records = chunk_documents(docs, tokenizer, cfg.chunk_size, progress=progress)
-    if (d / "build.json").exists() and not any((d / sub).exists() for sub in ("chunks", "embeddings")):
+    if ranks.main and (d / "build.json").exists() and not any((d / sub).exists() for sub in ("chunks", "embeddings")):
         (d / "build.json").unlink()  # a record of settings without any work done: nothing to protect
-    check_or_record(d / "build.json", settings, BuildSettingsError,
-                    "rerun with the original settings to resume, or pass --overwrite")
+    if ranks.main:
+        check_or_record(d / "build.json", settings, BuildSettingsError,
+                        "rerun with the original settings to resume, or pass --overwrite")
     if records is not None:
         write_chunk_db(d / "chunks", records, docs, {"corpus_hash": settings["corpus_hash"],
                                                     "tokenizer": settings["tokenizer"]})
         del records
+    ranks.barrier()  # the chunk database is complete
+    if not ranks.main:
+        check_or_record(d / "build.json", settings, BuildSettingsError,
+                        "rerun with the original settings to resume, or pass --overwrite")
     db = ChunkDB(d / "chunks")
-    embed_chunk_db(db, embedder, d / "embeddings", shard_size=cfg.shard_size, batch_size=cfg.batch_size,
+    encoded = embed_chunk_db(db, embedder, d / "embeddings", shard_size=cfg.shard_size, batch_size=cfg.batch_size,
                    with_title=cfg.with_title, progress=progress,
-                   devices=cfg.devices if cfg.devices is not None else default_devices(),
+                   # under torchrun each rank embeds on its own device; otherwise a pool over every GPU
+                   devices=cfg.devices if cfg.devices is not None else (default_devices() if ranks.world == 1
+                                                                        else None),
                    state={"embedder": settings["embedder"]["fingerprint"], "corpus_hash": settings["corpus_hash"],
                           "tokenizer": settings["tokenizer"]["fingerprint"], "chunk_size": cfg.chunk_size,
                           **({"encoding": settings["encoding"]} if "encoding" in settings else {})},
-                   encode=document_encode_fn(encoding))
+                   encode=document_encode_fn(encoding), ranks=ranks)  # returns once every rank's shards are in
+    if ranks.world > 1:
+        print(f"rank {ranks.rank}/{ranks.world}: embedded {encoded} chunks", file=sys.stderr, flush=True)
     plan = plan_index(len(db), settings["embedder"]["dimension"], cfg.index)
     extra: dict = {}
     if plan.on_disk:  # the vectors exceed the memory budget: never hold them all, keep the lists on disk
         from .ondisk import build_ondisk_index
 
-        factory, nprobe, recall = build_ondisk_index(d, d / "embeddings", len(db), plan.factory, cfg.index,
-                                                     progress=progress, shard_size=cfg.shard_size)
-        extra.update(on_disk=True, refine=cfg.index.refine)
+        factory, nprobe, refine, recall = build_ondisk_index(d, d / "embeddings", len(db), plan.factory,
+                                                             cfg.index, progress=progress, shard_size=cfg.shard_size,
+                                                             ranks=ranks)
+        extra.update(on_disk=True, refine=refine)
         num_vectors = len(db)
-    else:
+    if not ranks.main:  # the in-memory index, BM25 and the manifest are rank 0's; wait for them
+        ranks.barrier()
+        return read_manifest(d)
+    if not plan.on_disk:
         vectors = load_embeddings(d / "embeddings", len(db), cfg.shard_size)
         index, factory, nprobe, recall = build_faiss_index(vectors, cfg.index, progress=progress)
         if factory.startswith("HNSW"):
@@ -200,6 +223,7 @@ def _build_locked(docs, d: Path, tokenizer, embedder, cfg: BuildConfig, tokenize
     files = files_under(d, exclude=(MANIFEST, "build.json"))
     manifest = write_manifest(d, manifest, files)
     stamp_verified(d, files, manifest["files"])
+    ranks.barrier()  # the other ranks read the manifest now
     return manifest
 
 

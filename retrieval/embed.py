@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .chunks import ChunkDB
+from .distributed import SINGLE, Ranks
 from .manifest import check_or_record
 
 
@@ -63,27 +64,33 @@ def group_size(batch_size: int, pool) -> int:
 
 def embed_chunk_db(db: ChunkDB, embedder, directory: str | Path, *, state: dict, shard_size: int = 8192,
                    batch_size: int = 64, with_title: bool = True, devices: list[str] | None = None,
-                   progress: bool = True, encode: Callable | None = None) -> int:
+                   progress: bool = True, encode: Callable | None = None, ranks: Ranks = SINGLE) -> int:
     """Embed every chunk of `db` into shards under `directory`, skipping shards and groups already there. Returns
-    the number of chunks encoded in this call. `state` identifies the inputs (embedder and chunk fingerprints)."""
+    the number of chunks encoded in this call. `state` identifies the inputs (embedder and chunk fingerprints).
+    With several `ranks` (distributed.py) each embeds the shards s with s % world == rank."""
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     state = {**state, "shard_size": shard_size, "with_title": with_title, "num_chunks": len(db)}
-    check_or_record(d / "state.json", state, EmbeddingStateError,
-                    "pass --overwrite (overwrite=True) to rebuild the embeddings from scratch")
+    for turn in (True, False):  # rank 0 records the state; then the others check it
+        if ranks.main == turn:
+            d.mkdir(parents=True, exist_ok=True)
+            check_or_record(d / "state.json", state, EmbeddingStateError,
+                            "pass --overwrite (overwrite=True) to rebuild the embeddings from scratch")
+        if turn:
+            ranks.barrier()
 
     n_shards = (len(db) + shard_size - 1) // shard_size
-    todo = [s for s in range(n_shards) if not shard_path(d, s).exists()]
+    todo = [s for s in ranks.mine(list(range(n_shards))) if not shard_path(d, s).exists()]
     encode = encode or encode_texts
     pool = embedder.start_multi_process_pool(devices) if devices else None
     group = group_size(batch_size, pool)
     partial = d / "partial"
     saved = {p.name for p in partial.glob("[0-9]*_[0-9]*.npy")} if partial.is_dir() else set()
-    done_chunks = len(db) - sum(min(shard_size, len(db) - s * shard_size) for s in todo)
+    mine = sum(min(shard_size, len(db) - s * shard_size) for s in ranks.mine(list(range(n_shards))))
+    done_chunks = mine - sum(min(shard_size, len(db) - s * shard_size) for s in todo)
     for s in todo:
         lo, hi = s * shard_size, min(len(db), (s + 1) * shard_size)
         done_chunks += sum(min(group, hi - g) for g in range(lo, hi, group) if _group_name(s, g - lo) in saved)
-    bar = tqdm(total=len(db), initial=done_chunks, desc="embedding", unit="chunk", disable=not progress)
+    bar = tqdm(total=mine, initial=done_chunks, desc="embedding", unit="chunk", disable=not progress)
     encoded = 0
     try:
         for s in todo:
@@ -94,7 +101,8 @@ def embed_chunk_db(db: ChunkDB, embedder, directory: str | Path, *, state: dict,
         bar.close()
         if pool is not None:
             embedder.stop_multi_process_pool(pool)
-    if partial.is_dir() and not any(partial.iterdir()):
+    ranks.barrier()  # every rank's shards are written
+    if ranks.main and partial.is_dir() and not any(partial.iterdir()):
         partial.rmdir()
     return encoded
 

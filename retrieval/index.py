@@ -39,7 +39,8 @@ class IndexConfig:
     on_disk: bool | None = None  # inverted lists on disk; None: when the float vectors exceed memory_budget_gb
     opq: bool = False  # on-disk plan: rotate with OPQ before PQ (better recall, slower training)
     pq_m: int | None = None  # on-disk plan: bytes per vector; None: the largest divisor of dim <= dim / 4
-    refine: int = 4  # on-disk plan: candidates per result re-scored with their full vectors (1: none)
+    refine: int = 4  # on-disk plan: candidates per result re-scored with their full vectors (1: none); the tuner
+    # raises it (up to ondisk.MAX_REFINE) where more probes stop helping
 
     def __post_init__(self):
         if self.nprobe is not None and self.nprobe <= 0:
@@ -154,8 +155,11 @@ def build_faiss_index(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0, prog
     nprobe, recall = cfg.nprobe, None
     if nlist:
         if nprobe is None:
-            nprobe, recall = tune_nprobe(index, vectors, nlist, cfg.target_recall, seed=seed)
-            if cfg.factory == "auto" and nprobe > nlist // 8 and n * dim * 4 <= cfg.memory_budget_gb * 2 ** 30:
+            replaceable = cfg.factory == "auto" and n * dim * 4 <= cfg.memory_budget_gb * 2 ** 30
+            # an automatic IVF that needs more than an eighth of its lists is replaced: stop tuning past that
+            nprobe, recall = tune_nprobe(index, vectors, nlist, cfg.target_recall, seed=seed,
+                                         max_nprobe=2 * max(1, nlist // 8) if replaceable else None)
+            if replaceable and nprobe > nlist // 8:
                 # data without cluster structure (e.g. isotropic): scanning this many lists costs more than
                 # exact search, which also gives recall 1; a graph index may still beat both
                 if cfg.hnsw and n * (dim * 4 + cfg.hnsw_m * 2 * 4 * 1.1) <= cfg.memory_budget_gb * 2 ** 30:
@@ -173,13 +177,40 @@ def build_faiss_index(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0, prog
 GRAPH_DISTANCE_COST = 32
 
 
+# Past this many vectors the graph is first tried on a random tenth (at least PILOT_MIN_VECTORS): a graph over more
+# vectors needs at least the pilot's efSearch for the same recall and computes more distances there, so a pilot that
+# cannot reach the target within the full index's distance allowance rules the full graph out without building it.
+PILOT_ABOVE = 200_000
+PILOT_MIN_VECTORS = 50_000
+
+
 def build_hnsw_if_faster(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0, progress: bool = True):
     """An HNSW index with efSearch tuned to `target_recall` (smallest power of two from 16), if it computes fewer
     than N / GRAPH_DISTANCE_COST distances a query there (counted by faiss, so the choice does not depend on the
-    machine's load); else None. Returns build_faiss_index's tuple (nprobe None, measured recall)."""
+    machine's load); else None. Returns build_faiss_index's tuple (nprobe None, measured recall). Large inputs are
+    first tried on a pilot sample (see PILOT_ABOVE)."""
+    n = len(vectors)
+    affordable = n / GRAPH_DISTANCE_COST
+    ef = 16
+    if n > PILOT_ABOVE:
+        size = max(PILOT_MIN_VECTORS, n // 10)
+        ids = np.sort(np.random.default_rng(seed + 2).choice(n, size, replace=False))
+        pilot = _tuned_hnsw(np.ascontiguousarray(vectors[ids]), cfg, seed, progress, affordable, ef)
+        if pilot is None:
+            return None
+        ef = pilot[1]  # the full graph needs at least the pilot's efSearch
+    got = _tuned_hnsw(vectors, cfg, seed, progress, affordable, ef)
+    if got is None:
+        return None
+    index, _, recall = got
+    return index, f"HNSW{cfg.hnsw_m}", None, recall
+
+
+def _tuned_hnsw(vectors: np.ndarray, cfg: IndexConfig, seed: int, progress: bool, affordable: float, ef: int):
+    """(HNSW index, efSearch, recall) at the smallest power-of-two efSearch from `ef` that reaches the target while
+    computing fewer than `affordable` distances a query, or None."""
     n, dim = vectors.shape
-    factory = f"HNSW{cfg.hnsw_m}"
-    index = make_index(dim, factory)
+    index = make_index(dim, f"HNSW{cfg.hnsw_m}")
     index.hnsw.efConstruction = 80
     step = 65536
     for lo in tqdm(range(0, n, step), desc="HNSW graph", unit="block", disable=not progress or n <= step):
@@ -188,18 +219,15 @@ def build_hnsw_if_faster(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0, p
     queries = np.ascontiguousarray(vectors[qid])
     _, exact = faiss.knn(queries, vectors, 11, metric=faiss.METRIC_INNER_PRODUCT)
     exact = _drop_self(exact, qid, 10)
-    affordable = n / GRAPH_DISTANCE_COST
-    ef = 16
     while ef <= 4096:
         index.hnsw.efSearch = ef
         faiss.cvar.hnsw_stats.reset()
         _, approx = index.search(queries, 11)
-        per_query = faiss.cvar.hnsw_stats.ndis / len(queries)
-        if per_query >= affordable:
+        if faiss.cvar.hnsw_stats.ndis / len(queries) >= affordable:
             return None
         recall = recall_at_k(_drop_self(approx, qid, 10), exact)
         if recall >= cfg.target_recall:
-            return index, factory, None, recall
+            return index, ef, recall
         ef *= 2
     return None
 
@@ -212,9 +240,11 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
 
 
 def tune_nprobe(index, vectors: np.ndarray, nlist: int, target: float, k: int = 10, n_queries: int = 200,
-                seed: int = 0):
+                seed: int = 0, max_nprobe: int | None = None):
     """Smallest power-of-two nprobe whose recall@k against exact search reaches `target` (queries are indexed
-    vectors, each ignoring itself). Returns (nprobe, measured recall)."""
+    vectors, each ignoring itself), or `max_nprobe` (default nlist) if none below does. Returns (nprobe, measured
+    recall)."""
+    nlist = min(nlist, max_nprobe or nlist)
     n = len(vectors)
     rng = np.random.default_rng(seed + 1)
     qid = rng.choice(n, min(n_queries, n), replace=False)

@@ -3,21 +3,25 @@
 Chosen by `index.plan_index` when the float vectors exceed the memory budget. The vectors are never all in
 memory: they are read shard by shard through memory maps.
   1. train the coarse quantizer and the PQ codebook (and OPQ rotation) on a sample -> ivf_parts/trained.index
-  2. add each embedding shard to a copy of the trained, empty index -> ivf_parts/part_SSSSS.index (atomic)
+  2. add runs of consecutive embedding shards to copies of the trained, empty index -> ivf_parts/part_PPPPP.index
+     (atomic); a part holds the codes of at most an eighth of the budget (and 1M vectors), read one shard at a time
   3. merge the parts' inverted lists into index.ivfdata (faiss OnDiskInvertedLists, `merge_ondisk`) and write
      index.faiss, which refers to index.ivfdata by name (opened with IO_FLAG_ONDISK_SAME_DIR)
-  4. tune nprobe against exact search computed shard by shard
+  4. tune nprobe, and the re-scoring depth, against exact search computed shard by shard
 PQ codes alone cap recall well below exact search, so a search takes `refine` times more candidates than asked
 and re-scores them with their full vectors, read from the embedding shards through memory maps (a few hundred
-random reads a query, no vectors held in memory).
+random reads a query, no vectors held in memory). Where more probes stop helping, the tuner doubles `refine` (up to
+MAX_REFINE) until the recall target is met.
 Each step's output is written atomically and skipped on a rerun, so an interrupted build resumes; the parts are
-deleted once merged. Searching memory-maps index.ivfdata: memory holds the centroids, codebooks and the pages
+deleted once merged. A shard's memory map is dropped as soon as it has been read, so the build's resident memory
+never holds the corpus (mapped pages count as resident while they stay mapped). Searching memory-maps index.ivfdata: memory holds the centroids, codebooks and the pages
 of the lists probed, not the corpus.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -25,10 +29,13 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from .distributed import SINGLE, Ranks
 from .index import IndexConfig, _drop_self, make_index, recall_at_k, set_nprobe
 from .manifest import check_or_record
 
 IVFDATA = "index.ivfdata"
+MAX_REFINE = 64  # re-scored candidates per result: 640 rows read back for a top-10
+PART_MAX_VECTORS = 1_000_000  # vectors per part file (each part also stores a copy of the trained quantizer)
 
 
 class OnDiskBuildError(RuntimeError):
@@ -112,20 +119,41 @@ def _write_index_atomic(index, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def part_ranges(shard_rows: list[int], part_vectors: int) -> list[tuple[int, int]]:
+    """Consecutive shards grouped into parts of at most `part_vectors` vectors (at least one shard each):
+    [(first shard, end shard)]."""
+    ranges, start, rows = [], 0, 0
+    for s, m in enumerate(shard_rows):
+        if s > start and rows + m > part_vectors:
+            ranges.append((start, s))
+            start, rows = s, 0
+        rows += m
+    return ranges + [(start, len(shard_rows))] if shard_rows else ranges
+
+
 def build_ondisk_index(d: Path, emb_dir: Path, n: int, factory: str, cfg: IndexConfig, seed: int = 0,
-                       progress: bool = True, shard_size: int | None = None) -> tuple[str, int, float]:
+                       progress: bool = True, shard_size: int | None = None,
+                       part_vectors: int | None = None, ranks: Ranks = SINGLE) -> tuple[str, int, int, float | None]:
     """Build `d/index.faiss` + `d/index.ivfdata` from the shards in `emb_dir` (steps above); returns
-    (factory, nprobe, measured recall@10 or None when nprobe was given)."""
+    (factory, nprobe, refine, measured recall@10 or None when nprobe was given). `part_vectors`: vectors per part
+    file (default: from the memory budget). With several `ranks` (distributed.py), rank 0 trains, every rank adds
+    its share of the parts, rank 0 merges and tunes; the other ranks return (factory, None, None, None)."""
     d = Path(d)
     parts = d / "ivf_parts"
     shards = shard_files(emb_dir)
+    rows = [int(np.load(p, mmap_mode="r").shape[0]) for p in shards]
     dim = int(np.load(shards[0], mmap_mode="r").shape[1])
     if not (d / "index.faiss").exists():
-        check_or_record(parts / "settings.json", {"factory": factory, "num_vectors": n, "shards": len(shards),
-                                                  "train_size": cfg.train_size, "seed": seed}, OnDiskBuildError,
-                        "pass --overwrite to rebuild the index")
+        if part_vectors is None:
+            code_size = faiss.extract_index_ivf(make_index(dim, factory)).code_size
+            part_vectors = int(min(PART_MAX_VECTORS, cfg.memory_budget_gb * 2 ** 30 / 8 / (code_size + 8)))
+        ranges = part_ranges(rows, max(1, part_vectors))
+        settings = {"factory": factory, "num_vectors": n, "shards": len(shards), "train_size": cfg.train_size,
+                    "seed": seed, "parts": [list(r) for r in ranges]}
+        if ranks.main:
+            check_or_record(parts / "settings.json", settings, OnDiskBuildError, "pass --overwrite to rebuild the index")
         trained_path = parts / "trained.index"
-        if not trained_path.exists():
+        if ranks.main and not trained_path.exists():
             index = make_index(dim, factory)
             ivf = faiss.extract_index_ivf(index)
             size = min(n, cfg.train_size or max(40 * ivf.nlist, 20_000))
@@ -134,34 +162,76 @@ def build_ondisk_index(d: Path, emb_dir: Path, n: int, factory: str, cfg: IndexC
             index.train(sample)
             del sample
             _write_index_atomic(index, trained_path)
-        part_paths = []
-        for s, (lo, x) in enumerate(tqdm(list(iter_shards(emb_dir)), desc="IVF-PQ parts", unit="shard",
-                                         disable=not progress)):
-            path = parts / f"part_{s:05d}.index"
-            if not path.exists():
-                index = faiss.read_index(str(trained_path))
-                index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), np.arange(lo, lo + len(x),
-                                                                                        dtype=np.int64))
-                _write_index_atomic(index, path)
-            part_paths.append(str(path))
-        from faiss.contrib.ondisk import merge_ondisk
-
+        ranks.barrier()  # the trained index exists
+        if not ranks.main:
+            check_or_record(parts / "settings.json", settings, OnDiskBuildError, "pass --overwrite to rebuild the index")
+        starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+        part_paths = [str(parts / f"part_{p:05d}.index") for p in range(len(ranges))]
+        mine = ranks.mine(list(range(len(ranges))))
+        with tqdm(total=sum(ranges[p][1] - ranges[p][0] for p in mine), desc="IVF-PQ parts", unit="shard",
+                  disable=not progress) as bar:
+            for p in mine:
+                first, end = ranges[p]
+                path = Path(part_paths[p])
+                if not path.exists():
+                    index = faiss.read_index(str(trained_path))
+                    for s in range(first, end):
+                        x = np.load(shards[s], mmap_mode="r")  # dropped after the add: its pages leave the RSS
+                        index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32),
+                                           np.arange(starts[s], starts[s + 1], dtype=np.int64))
+                        del x
+                        bar.update()
+                    _write_index_atomic(index, path)
+                    del index
+                else:
+                    bar.update(end - first)
+        if ranks.world > 1:
+            print(f"rank {ranks.rank}/{ranks.world}: added {len(mine)} of {len(ranges)} index parts", file=sys.stderr,
+                  flush=True)
+        ranks.barrier()  # every part is written
+        if not ranks.main:
+            return factory, None, None, None
+        missing = [p for p in part_paths if not Path(p).exists()]
+        if missing:
+            raise OnDiskBuildError(f"{parts}: {len(missing)} parts missing after the add step (first {missing[0]}); "
+                                   f"rerun the build to add them")
         index = faiss.read_index(str(trained_path))
         (d / IVFDATA).unlink(missing_ok=True)
-        merge_ondisk(index, part_paths, str(d / IVFDATA))
+        merge_parts(index, part_paths, d / IVFDATA)
         if index.ntotal != n:
             raise OnDiskBuildError(f"{parts}: merged {index.ntotal} vectors, expected {n}; pass --overwrite")
         _write_index_atomic(index, d / "index.faiss")
         del index
         shutil.rmtree(parts)
+    elif not ranks.main:
+        return factory, None, None, None
     index = load_ondisk(d)
     nlist = faiss.extract_index_ivf(index).nlist
     if cfg.nprobe:
-        return factory, cfg.nprobe, None
-    size = shard_size or len(np.load(shards[0], mmap_mode="r"))
-    nprobe, recall = tune_nprobe_streaming(index, emb_dir, n, nlist, cfg.target_recall, seed=seed,
-                                           refine=cfg.refine, shard_size=size)
-    return factory, nprobe, recall
+        return factory, cfg.nprobe, cfg.refine, None
+    size = shard_size or rows[0]
+    nprobe, refine, recall = tune_nprobe_streaming(index, emb_dir, n, nlist, cfg.target_recall, seed=seed,
+                                                   refine=cfg.refine, shard_size=size)
+    return factory, nprobe, refine, recall
+
+
+def merge_parts(trained, part_paths: list[str], ivfdata: Path) -> None:
+    """The parts' inverted lists (memory-mapped, IO_FLAG_MMAP) merged into OnDiskInvertedLists at `ivfdata`, which
+    become `trained`'s lists. As faiss.contrib.ondisk.merge_ondisk, except that the parts keep owning their lists
+    and are freed after the merge: their maps are dropped rather than left resident for the life of the process."""
+    parts = [faiss.read_index(p, faiss.IO_FLAG_MMAP) for p in part_paths]
+    ivf = faiss.extract_index_ivf(trained)
+    if ivf.ntotal:
+        raise OnDiskBuildError(f"{ivfdata}: the trained index already holds {ivf.ntotal} vectors")
+    merged = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(ivfdata))
+    lists = faiss.InvertedListsPtrVector()
+    for part in parts:
+        lists.push_back(faiss.extract_index_ivf(part).invlists)
+    ntotal = merged.merge_from_multiple(lists.data(), lists.size(), False)
+    del lists, parts
+    trained.ntotal = ivf.ntotal = ntotal
+    ivf.replace_invlists(merged, True)
+    merged.this.disown()  # owned by `trained` now
 
 
 def load_ondisk(d: Path):
@@ -171,9 +241,11 @@ def load_ondisk(d: Path):
 
 def tune_nprobe_streaming(index, emb_dir: Path, n: int, nlist: int, target: float, k: int = 10,
                           n_queries: int = 200, seed: int = 0, refine: int = 1,
-                          shard_size: int = 8192) -> tuple[int, float]:
-    """As index.tune_nprobe, with the exact neighbours computed shard by shard and candidates refined. Stops
-    early once doubling nprobe gains less than 0.002 recall (the codes' own ceiling)."""
+                          shard_size: int = 8192) -> tuple[int, int, float]:
+    """As index.tune_nprobe, with the exact neighbours computed shard by shard and candidates refined:
+    (nprobe, refine, recall@k). nprobe doubles until the target is met or doubling gains less than 0.002 recall
+    (the codes' own ceiling); then, when re-scoring is on (`refine` > 1), `refine` doubles up to MAX_REFINE and
+    nprobe resumes doubling from where it stood."""
     qid = np.random.default_rng(seed + 1).choice(n, min(n_queries, n), replace=False)
     queries = sample_vectors(emb_dir, qid)
     _, exact = exact_knn(queries, emb_dir, k + 1)
@@ -185,8 +257,13 @@ def tune_nprobe_streaming(index, emb_dir: Path, n: int, nlist: int, target: floa
         _, approx = refine_search(index, queries, k + 1, refine,
                                   lambda ids: stored_vectors(emb_dir, shard_size, ids, cache))
         recall = recall_at_k(_drop_self(approx, qid, k), exact)
-        if recall >= target or nprobe >= nlist or (nprobe >= 16 and recall - last < 0.002):
-            return nprobe, recall
+        if recall >= target:
+            return nprobe, refine, recall
+        if nprobe >= nlist or (nprobe >= 16 and recall - last < 0.002):
+            if not 1 < refine < MAX_REFINE:
+                return nprobe, refine, recall
+            refine, last = min(MAX_REFINE, refine * 2), -1.0  # more probes no longer help: re-score deeper
+            continue
         nprobe, last = min(nlist, nprobe * 2), recall
 
 

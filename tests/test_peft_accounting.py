@@ -276,3 +276,24 @@ def test_counts_and_no_op_on_the_default_decoder():
     assert pm.count_trainable(rep)["trainable"] == a + b
     with torch.no_grad():
         assert torch.equal(rep(input_ids=ids).logits, want)
+
+
+def test_loretta_rep_inference_uses_cached_factors_that_follow_the_cores():
+    torch.manual_seed(0)
+    model = pm.apply_peft(build_tiny_lm("llama"), {"method": "loretta_rep", "r": 4, "tt_rank": 3})
+    layer = next(m for m in model.modules() if type(m).__name__ == "TTLoRALayer")
+    with torch.no_grad():
+        for core in layer.tt_b.cores:
+            core.normal_(0, 0.3)  # a non-zero update
+    x = torch.randn(2, 5, layer.tt_a.in_dim)
+    want = layer(x)  # grad enabled: core-by-core contraction
+    with torch.no_grad():
+        got = layer(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        first = layer.__dict__["_factors"][1]
+        assert layer(x) is not None and layer.__dict__["_factors"][1] is first  # reused while the cores stand
+        layer.tt_a.cores[0].mul_(2.0)  # an optimiser step changes a core in place
+    want = layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-5)
+        assert layer.__dict__["_factors"][1] is not first

@@ -7,8 +7,8 @@ import pytest
 import retrieval.index as index_mod
 from retrieval import IndexConfig
 from retrieval.index import build_faiss_index, make_index, plan_index, set_nprobe
-from retrieval.ondisk import (build_ondisk_index, exact_knn, load_ondisk, refine_search, resident_bytes,
-                              stored_vectors)
+from retrieval.ondisk import (build_ondisk_index, exact_knn, load_ondisk, part_ranges, refine_search,
+                              resident_bytes, stored_vectors)
 
 N, D, SHARD = 3000, 16, 1000
 
@@ -88,15 +88,63 @@ def test_ondisk_build_resumes_after_an_interruption(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ondisk, "_write_index_atomic", dies_on_second_part)
     with pytest.raises(KeyboardInterrupt):
-        build_ondisk_index(tmp_path, tmp_path / "embeddings", N, "IVF16,PQ4", cfg, progress=False)
+        build_ondisk_index(tmp_path, tmp_path / "embeddings", N, "IVF16,PQ4", cfg, progress=False,
+                           part_vectors=SHARD)
     assert written == ["trained.index", "part_00000.index"] and not (tmp_path / "index.faiss").exists()
     with pytest.raises(ondisk.OnDiskBuildError, match="other settings"):  # unfinished work is never mixed
-        build_ondisk_index(tmp_path, tmp_path / "embeddings", N, "IVF32,PQ4", cfg, progress=False)
+        build_ondisk_index(tmp_path, tmp_path / "embeddings", N, "IVF32,PQ4", cfg, progress=False,
+                           part_vectors=SHARD)
+    with pytest.raises(ondisk.OnDiskBuildError, match="other settings"):  # nor parts grouped another way
+        build_ondisk_index(tmp_path, tmp_path / "embeddings", N, "IVF16,PQ4", cfg, progress=False,
+                           part_vectors=2 * SHARD)
     written.clear()
     monkeypatch.setattr(ondisk, "_write_index_atomic", lambda i, p: (written.append(p.name), real(i, p)))
-    build_ondisk_index(tmp_path, tmp_path / "embeddings", N, "IVF16,PQ4", cfg, progress=False)
+    build_ondisk_index(tmp_path, tmp_path / "embeddings", N, "IVF16,PQ4", cfg, progress=False, part_vectors=SHARD)
     assert written == ["part_00001.index", "part_00002.index", "index.faiss"]  # training and part 0 reused
     assert load_ondisk(tmp_path).ntotal == N and not (tmp_path / "ivf_parts").exists()
+
+
+def test_parts_group_consecutive_shards_up_to_their_size():
+    assert part_ranges([1000, 1000, 1000], 1000) == [(0, 1), (1, 2), (2, 3)]
+    assert part_ranges([1000, 1000, 1000], 2500) == [(0, 2), (2, 3)]
+    assert part_ranges([1000, 1000, 500], 2500) == [(0, 3)]
+    assert part_ranges([3000, 10], 1000) == [(0, 1), (1, 2)]  # a shard larger than a part is a part of its own
+    assert part_ranges([], 1000) == []
+
+
+def test_grouped_parts_give_the_same_index_as_one_part_per_shard(tmp_path):
+    faiss.omp_set_num_threads(1)
+    x = clustered(seed=3)
+    results = []
+    for part_vectors in (SHARD, 2 * SHARD, N):
+        d = tmp_path / f"p{part_vectors}"
+        write_shards(d / "embeddings", x)
+        build_ondisk_index(d, d / "embeddings", N, "IVF16,PQ4", IndexConfig(nprobe=4), progress=False,
+                           part_vectors=part_vectors)
+        index = load_ondisk(d)
+        set_nprobe(index, 4)
+        assert index.ntotal == N
+        results.append(index.search(clustered(seed=4, n=30), 10))
+    for scores, ids in results[1:]:
+        np.testing.assert_array_equal(ids, results[0][1])
+        np.testing.assert_allclose(scores, results[0][0], rtol=1e-6)
+
+
+def test_tuner_rescores_deeper_where_more_probes_stop_helping(tmp_path):
+    faiss.omp_set_num_threads(1)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((N, 32)).astype(np.float32)  # isotropic 32-d in 4-byte codes: a low ceiling
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    write_shards(tmp_path / "a" / "embeddings", x)
+    write_shards(tmp_path / "b" / "embeddings", x)
+    fixed = build_ondisk_index(tmp_path / "a", tmp_path / "a" / "embeddings", N, "IVF16,PQ4",
+                               IndexConfig(refine=1, target_recall=0.95), progress=False, shard_size=SHARD)
+    _, _, refine_fixed, recall_fixed = fixed
+    assert refine_fixed == 1 and recall_fixed < 0.6  # without re-scoring the codes cap recall
+    _, nprobe, refine, recall = build_ondisk_index(tmp_path / "b", tmp_path / "b" / "embeddings", N, "IVF16,PQ4",
+                                                   IndexConfig(refine=2, target_recall=0.95), progress=False,
+                                                   shard_size=SHARD)
+    assert refine > 2 and recall >= 0.95 and nprobe <= 16
 
 
 def test_auto_choice_takes_hnsw_when_its_graph_is_cheap_enough(monkeypatch):
@@ -113,3 +161,40 @@ def test_auto_choice_takes_hnsw_when_its_graph_is_cheap_enough(monkeypatch):
     assert ids[:, 0].tolist() == list(range(5))
     assert build_faiss_index(x, IndexConfig(flat_threshold=1000, target_recall=0.9, hnsw=False),
                              progress=False)[1] == "Flat"
+
+
+def test_a_pilot_graph_rules_hnsw_out_before_the_full_graph_is_built(monkeypatch):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((6000, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    monkeypatch.setattr(index_mod, "PILOT_ABOVE", 3000)
+    monkeypatch.setattr(index_mod, "PILOT_MIN_VECTORS", 1500)
+    real, calls = index_mod._tuned_hnsw, []
+
+    def recorded(vectors, cfg, seed, progress, affordable, ef):
+        got = real(vectors, cfg, seed, progress, affordable, ef)
+        calls.append((len(vectors), affordable, ef, None if got is None else got[1]))
+        return got
+
+    monkeypatch.setattr(index_mod, "_tuned_hnsw", recorded)
+    cfg = IndexConfig(flat_threshold=1000, target_recall=0.9)
+    assert index_mod.build_hnsw_if_faster(x, cfg, progress=False) is None
+    assert calls == [(1500, 6000 / index_mod.GRAPH_DISTANCE_COST, 16, None)]  # the 6,000-vector graph never built
+    calls.clear()
+    monkeypatch.setattr(index_mod, "GRAPH_DISTANCE_COST", 1)
+    index, factory, _, recall = index_mod.build_hnsw_if_faster(x, cfg, progress=False)
+    assert [c[0] for c in calls] == [1500, 6000] and recall >= 0.9 and factory == "HNSW32"
+    assert calls[1][2] == calls[0][3] and index.hnsw.efSearch >= calls[0][3]  # the full graph starts at the pilot's
+
+
+def test_an_automatic_ivf_stops_tuning_once_exact_search_is_cheaper(monkeypatch):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((6000, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    probes = []
+    real = index_mod.set_nprobe
+    monkeypatch.setattr(index_mod, "set_nprobe", lambda index, nprobe: (probes.append(nprobe), real(index, nprobe)))
+    cfg = IndexConfig(flat_threshold=1000, target_recall=0.99, hnsw=False)
+    assert build_faiss_index(x, cfg, progress=False)[1] == "Flat"
+    nlist = int(index_mod.choose_factory(6000, 64, cfg.memory_budget_gb, 1000).split(",")[0][3:])
+    assert max(probes) == 2 * (nlist // 8) < nlist  # never scanned every list to find that out

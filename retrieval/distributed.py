@@ -1,0 +1,49 @@
+"""Index builds across several processes: `torchrun --nproc-per-node N -m retrieval build ...` (or one process per
+node with --nnodes) splits the embedding shards and the on-disk index parts between the ranks.
+
+Rank 0 does what must happen once (the lock, chunking, training the quantizer, merging, the manifest); every rank
+embeds the shards s with s % world == rank and adds the index parts p with p % world == rank. The ranks meet at
+barriers between the steps (torch.distributed over gloo, so CPUs and GPUs alike). Every file is written atomically
+as in a single-process build, so an interrupted distributed build resumes with any number of processes, one
+included.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable
+
+# Long steps (embedding a shard range, training a quantizer on millions of vectors) sit between two barriers.
+BARRIER_TIMEOUT = timedelta(hours=12)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = lambda: None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mine(self, items: list) -> list:
+        """This rank's share of `items`: every world-th, from its rank."""
+        return items[self.rank::self.world]
+
+
+SINGLE = Ranks()
+
+
+def ranks_from_env() -> Ranks:
+    """The ranks torchrun set up (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT in the environment), joining a gloo
+    process group unless one exists; a plain process is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return SINGLE
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+    return Ranks(dist.get_rank(), dist.get_world_size(), dist.barrier)
