@@ -82,18 +82,34 @@ def exact_knn(queries: np.ndarray, emb_dir: Path, k: int) -> tuple[np.ndarray, n
 
 
 def stored_vectors(emb_dir: Path, shard_size: int, ids: np.ndarray, cache: dict | None = None) -> np.ndarray:
-    """Full vectors of chunk ids (any shape, -1 = missing -> zeros) from the embedding shards: (..., D)."""
+    """Full vectors of chunk ids (any shape, -1 = missing -> zeros) from the embedding shards: (..., D).
+    Rows are read with pread, not through memory maps: a mapped page (and the pages the kernel maps around it)
+    would stay in the process's resident set, and a few hundred random rows a query would soon map gigabytes.
+    `cache` keeps each shard's header (data offset, shape, dtype)."""
     cache = {} if cache is None else cache
     flat = np.asarray(ids, np.int64).reshape(-1)
     out = None
     for s in np.unique(flat[flat >= 0] // shard_size):
-        if s not in cache:
-            cache[s] = np.load(Path(emb_dir) / f"shard_{s:05d}.npy", mmap_mode="r")
-        x = cache[s]
+        path = Path(emb_dir) / f"shard_{s:05d}.npy"
+        key = ("rows", int(s))
+        if key not in cache:
+            header = np.load(path, mmap_mode="r")  # the header only; the map is dropped at once
+            if header.ndim != 2 or not header.flags.c_contiguous:
+                raise ValueError(f"{path}: expected a C-ordered (rows, dim) array, got shape {header.shape}")
+            cache[key] = (int(header.offset), header.shape, header.dtype)
+            del header
+        offset, shape, dtype = cache[key]
         if out is None:
-            out = np.zeros((len(flat), x.shape[1]), np.float32)
+            out = np.zeros((len(flat), shape[1]), np.float32)
         sel = np.nonzero((flat >= 0) & (flat // shard_size == s))[0]
-        out[sel] = x[flat[sel] - s * shard_size]
+        rows = flat[sel] - s * shard_size
+        width = shape[1] * dtype.itemsize
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for i, row in zip(sel, rows):
+                out[i] = np.frombuffer(os.pread(fd, width, offset + int(row) * width), dtype)
+        finally:
+            os.close(fd)
     if out is None:
         return np.zeros((*np.shape(ids), 0), np.float32)
     return out.reshape(*np.shape(ids), -1)
