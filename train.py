@@ -27,7 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     from retrieval.errors import run_cli
     from retrotune.preflight import expected_errors
 
-    return run_cli(_train, args, expected_errors(), debug=args.debug)
+    from retrieval.distributed import leave_process_group
+
+    try:
+        return run_cli(_train, args, expected_errors(), debug=args.debug)
+    finally:
+        leave_process_group()
 
 
 def _train(args) -> int:

@@ -389,7 +389,12 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from retrieval.errors import expected_errors, run_cli
 
-    return run_cli(args.func, args, expected_errors(), debug=args.debug)
+    from retrieval.distributed import leave_process_group
+
+    try:
+        return run_cli(args.func, args, expected_errors(), debug=args.debug)
+    finally:
+        leave_process_group()
 
 
 if __name__ == "__main__":

@@ -47,3 +47,17 @@ def ranks_from_env() -> Ranks:
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     return Ranks(dist.get_rank(), dist.get_world_size(), dist.barrier)
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group if this process joined one (torchrun runs of train.py and of the build).
+    Left to interpreter exit, gloo's threads can abort an otherwise finished process ("terminate called without
+    an active exception")."""
+    import sys
+
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

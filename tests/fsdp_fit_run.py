@@ -70,3 +70,6 @@ if __name__ == "__main__":
 
     if os.environ.get("RANK", "0") == "0":
         print("LOSSES " + json.dumps(losses))
+    from retrieval.distributed import leave_process_group
+
+    leave_process_group()
