@@ -156,6 +156,9 @@ def main(argv=None) -> int:
                    "first --n)")
     p.add_argument("--workdir", default=None, help="where the shards go (default: a temporary folder)")
     p.add_argument("--tiny", action="store_true", help="5k x 16-d, 16 KiB budget (smoke test)")
+    p.add_argument("--pq-m", type=int, default=None, help="on-disk plan: PQ bytes per vector (default: the "
+                   "planner's)")
+    p.add_argument("--opq", action="store_true", help="on-disk plan: an OPQ rotation before PQ")
     p.add_argument("--search-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.search_child:
@@ -179,7 +182,8 @@ def main(argv=None) -> int:
                 write_shards(emb, n, args.dim, args.shard, args.data, centres, seed=1)
             queries = queries_like(args.queries, args.dim, args.data, centres, seed=2)
             _, exact = exact_knn(queries, emb, 10)
-            cfg = IndexConfig(memory_budget_gb=args.budget_gb, flat_threshold=flat_threshold)
+            cfg = IndexConfig(memory_budget_gb=args.budget_gb, flat_threshold=flat_threshold, pq_m=args.pq_m,
+                              opq=args.opq)
             if n in args.n:
                 rows.append(measure(folder, emb, n, args.dim, cfg, queries, exact, args.shard, "planner"))
                 print(md_table(HEADERS, rows[-1:]), file=sys.stderr, flush=True)

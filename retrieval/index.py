@@ -38,7 +38,7 @@ class IndexConfig:
     hnsw_m: int = 32  # HNSW graph degree
     on_disk: bool | None = None  # inverted lists on disk; None: when the float vectors exceed memory_budget_gb
     opq: bool = False  # on-disk plan: rotate with OPQ before PQ (better recall, slower training)
-    pq_m: int | None = None  # on-disk plan: bytes per vector; None: the largest divisor of dim <= dim / 4
+    pq_m: int | None = None  # on-disk plan: bytes per vector; None: the largest divisor of dim <= dim / 2
     refine: int = 4  # on-disk plan: candidates per result re-scored with their full vectors (1: none); the tuner
     # raises it (up to ondisk.MAX_REFINE) where more probes stop helping
 
@@ -93,7 +93,9 @@ def plan_index(n: int, dim: int, cfg: IndexConfig) -> IndexPlan:
 def ondisk_factory(n: int, dim: int, cfg: IndexConfig) -> str:
     nlist = 2 ** round(math.log2(4 * math.sqrt(n)))  # more, shorter lists: each probe reads less from disk
     nlist = int(max(64, min(nlist, 262144, 2 ** int(math.log2(max(n // 39, 64))))))
-    m = cfg.pq_m or max(x for x in range(1, dim // 4 + 1) if dim % x == 0)
+    # two dimensions a byte: the lists live on disk, so finer codes cost disk reads, not memory, and rank well enough
+    # to probe few lists (1M clustered 384-d: PQ192 reaches recall 0.988 at nprobe 1 where PQ96 needs nprobe 16)
+    m = cfg.pq_m or max(x for x in range(1, dim // 2 + 1) if dim % x == 0)
     coarse = f"IVF{nlist}_HNSW32" if nlist >= 16384 else f"IVF{nlist}"
     return f"OPQ{m},{coarse},PQ{m}" if cfg.opq else f"{coarse},PQ{m}"
 

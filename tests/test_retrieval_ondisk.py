@@ -30,8 +30,8 @@ def test_plan_moves_to_disk_only_past_the_budget():
     cfg = IndexConfig(memory_budget_gb=4)
     assert plan_index(1_000_000, 384, cfg).on_disk is False  # 1.4 GiB of vectors fit
     plan = plan_index(10_000_000, 384, cfg)  # 14.3 GiB do not
-    assert plan.on_disk and plan.factory == "IVF16384_HNSW32,PQ96"
-    assert plan_index(10_000_000, 384, IndexConfig(memory_budget_gb=4, opq=True)).factory.startswith("OPQ96,")
+    assert plan.on_disk and plan.factory == "IVF16384_HNSW32,PQ192"
+    assert plan_index(10_000_000, 384, IndexConfig(memory_budget_gb=4, opq=True)).factory.startswith("OPQ192,")
     assert not plan_index(50_000, 384, IndexConfig(memory_budget_gb=0.01)).on_disk  # small: never on disk
     faiss.index_factory(384, plan.factory, faiss.METRIC_INNER_PRODUCT)
 
