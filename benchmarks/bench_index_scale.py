@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import PeakSampler, fmt, md_table  # noqa: E402
 from retrieval.embed import load_embeddings  # noqa: E402
-from retrieval.index import IndexConfig, build_faiss_index, plan_index, search_index  # noqa: E402
+from retrieval.index import IndexConfig, build_faiss_index, plan_index, search_index, set_nprobe  # noqa: E402
 from retrieval.ondisk import (build_ondisk_index, exact_knn, iter_shards, load_ondisk, refine_search,  # noqa: E402
                               resident_bytes, stored_vectors)
 
@@ -104,7 +104,7 @@ def measure(folder: Path, emb: Path, n: int, dim: int, cfg: IndexConfig, queries
 def search_on_disk(folder: Path, emb: Path, nprobe: int, refine: int, shard: int, queries: np.ndarray):
     """(ids (Q, 10), seconds for the batch after a 10-query warm-up) of the on-disk index in `folder`."""
     index = load_ondisk(folder)
-    faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
+    set_nprobe(index, nprobe)
     cache: dict = {}
 
     def search(q):

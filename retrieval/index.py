@@ -131,11 +131,29 @@ def is_ivf(index) -> bool:
         return False
 
 
+# An HNSW coarse quantizer (IVF{n}_HNSW32, n >= 16384) walks its graph at efSearch 16 by default: too narrow to
+# find the nearest lists of a vector. Measured on 1M clustered 384-d vectors in IVF16384_HNSW32,Flat: recall@10
+# stays at 0.87 from nprobe 16 to 256 at efSearch 16, and reaches 0.94-0.96 at 128.
+QUANTIZER_EF_SEARCH = 128
+
+
+def set_quantizer_ef(index, nprobe: int = 0) -> None:
+    """Widen the graph walk of a CPU IVF index's HNSW coarse quantizer to max(QUANTIZER_EF_SEARCH, nprobe);
+    other indexes are left as they are."""
+    if not is_ivf(index):
+        return
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(QUANTIZER_EF_SEARCH, int(nprobe))
+
+
 def set_nprobe(index, nprobe: int | None) -> None:
-    """Set nprobe on an IVF index, CPU or GPU (ParameterSpace reaches through GPU clones and replicas)."""
+    """Set nprobe on an IVF index, CPU or GPU (ParameterSpace reaches through GPU clones and replicas), and the
+    matching graph width of an HNSW coarse quantizer."""
     if nprobe:
         space = faiss.GpuParameterSpace() if gpu_count(None) else faiss.ParameterSpace()
         space.set_index_parameter(index, "nprobe", int(nprobe))
+        set_quantizer_ef(index, nprobe)
 
 
 def build_faiss_index(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0, progress: bool = True):
@@ -151,6 +169,7 @@ def build_faiss_index(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0, prog
         size = min(n, cfg.train_size or max(40 * (nlist or 256), 20_000))
         sample = vectors[np.random.default_rng(seed).choice(n, size, replace=False)] if size < n else vectors
         index.train(np.ascontiguousarray(sample))
+    set_quantizer_ef(index)  # an HNSW coarse quantizer: assign vectors through a wide enough walk
     step = 65536
     for lo in tqdm(range(0, n, step), desc="indexing", unit="block", disable=not progress or n <= step):
         index.add(np.ascontiguousarray(vectors[lo:lo + step]))

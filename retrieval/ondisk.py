@@ -30,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .distributed import SINGLE, Ranks
-from .index import IndexConfig, _drop_self, make_index, recall_at_k, set_nprobe
+from .index import IndexConfig, _drop_self, make_index, recall_at_k, set_nprobe, set_quantizer_ef
 from .manifest import check_or_record
 
 IVFDATA = "index.ivfdata"
@@ -177,6 +177,7 @@ def build_ondisk_index(d: Path, emb_dir: Path, n: int, factory: str, cfg: IndexC
             sample = sample_vectors(emb_dir, rng.choice(n, size, replace=False) if size < n else np.arange(n))
             index.train(sample)
             del sample
+            set_quantizer_ef(index)  # vectors are assigned to their lists through this walk too
             _write_index_atomic(index, trained_path)
         ranks.barrier()  # the trained index exists
         if not ranks.main:
@@ -191,6 +192,7 @@ def build_ondisk_index(d: Path, emb_dir: Path, n: int, factory: str, cfg: IndexC
                 path = Path(part_paths[p])
                 if not path.exists():
                     index = faiss.read_index(str(trained_path))
+                    set_quantizer_ef(index)
                     for s in range(first, end):
                         x = np.load(shards[s], mmap_mode="r")  # dropped after the add: its pages leave the RSS
                         index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32),

@@ -198,3 +198,25 @@ def test_an_automatic_ivf_stops_tuning_once_exact_search_is_cheaper(monkeypatch)
     assert build_faiss_index(x, cfg, progress=False)[1] == "Flat"
     nlist = int(index_mod.choose_factory(6000, 64, cfg.memory_budget_gb, 1000).split(",")[0][3:])
     assert max(probes) == 2 * (nlist // 8) < nlist  # never scanned every list to find that out
+
+
+def test_an_hnsw_coarse_quantizer_walks_wide_enough_to_find_the_lists(tmp_path):
+    faiss.omp_set_num_threads(1)
+    x = clustered(seed=8)
+    index = make_index(D, "IVF16_HNSW32,Flat")
+    index.train(x)
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    assert quantizer.hnsw.efSearch == 16  # faiss' default
+    set_nprobe(index, 4)
+    assert quantizer.hnsw.efSearch == index_mod.QUANTIZER_EF_SEARCH
+    set_nprobe(index, 300)
+    assert quantizer.hnsw.efSearch == 300  # never narrower than the lists asked for
+    flat = make_index(D, "IVF16,Flat")
+    flat.train(x)
+    set_nprobe(flat, 4)  # a flat quantizer has no walk to widen
+    assert faiss.extract_index_ivf(flat).nprobe == 4
+    write_shards(tmp_path / "embeddings", x)
+    build_ondisk_index(tmp_path, tmp_path / "embeddings", N, "IVF16_HNSW32,PQ4", IndexConfig(nprobe=4), progress=False)
+    disk = load_ondisk(tmp_path)  # held: the quantizer below belongs to it
+    stored = faiss.downcast_index(faiss.extract_index_ivf(disk).quantizer)
+    assert stored.hnsw.efSearch == index_mod.QUANTIZER_EF_SEARCH  # vectors were assigned with the wide walk
