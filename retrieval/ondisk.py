@@ -3,10 +3,13 @@
 Chosen by `index.plan_index` when the float vectors exceed the memory budget. The vectors are never all in
 memory: they are read shard by shard through memory maps.
   1. train the coarse quantizer and the PQ codebook (and OPQ rotation) on a sample -> ivf_parts/trained.index
-  2. add runs of consecutive embedding shards to copies of the trained, empty index -> ivf_parts/part_PPPPP.index
-     (atomic); a part holds the codes of at most an eighth of the budget (and 1M vectors), read one shard at a time
-  3. merge the parts' inverted lists into index.ivfdata (faiss OnDiskInvertedLists, `merge_ondisk`) and write
-     index.faiss, which refers to index.ivfdata by name (opened with IO_FLAG_ONDISK_SAME_DIR)
+  2. add runs of consecutive embedding shards to copies of the trained, empty index -> ivf_parts/part_PPPPP.lists
+     (atomic; raw inverted lists, see `write_part`); a part holds the codes of at most an eighth of the budget (and
+     1M vectors), read one shard at a time
+  3. merge the parts' lists into index.ivfdata, the data file of a faiss OnDiskInvertedLists, and write index.faiss,
+     which refers to index.ivfdata by name (opened with IO_FLAG_ONDISK_SAME_DIR). The merge reads the parts with
+     pread and writes the data file with plain writes, one list at a time, so its memory is one list's codes, not
+     the corpus's (faiss' `merge_ondisk` maps every part and the data file: twice the codes resident)
   4. tune nprobe, and the re-scoring depth, against exact search computed shard by shard
 PQ codes alone cap recall well below exact search, so a search takes `refine` times more candidates than asked
 and re-scores them with their full vectors, read from the embedding shards through memory maps (a few hundred
@@ -35,7 +38,8 @@ from .manifest import check_or_record
 
 IVFDATA = "index.ivfdata"
 MAX_REFINE = 64  # re-scored candidates per result: 640 rows read back for a top-10
-PART_MAX_VECTORS = 1_000_000  # vectors per part file (each part also stores a copy of the trained quantizer)
+PART_MAX_VECTORS = 1_000_000  # vectors per part file
+PART_MAGIC = b"RTIVFPT1"  # the first bytes of a part file (write_part)
 
 
 class OnDiskBuildError(RuntimeError):
@@ -129,10 +133,46 @@ def refine_search(index, queries: np.ndarray, k: int, refine: int, vectors_of) -
     return np.where(ids >= 0, s, -np.inf).astype(np.float32), ids
 
 
-def _write_index_atomic(index, path: Path) -> None:
+def _write_atomic(path: Path, write) -> None:
+    """`write(temporary path)`, then renamed onto `path`: the file is complete or absent."""
     tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
+    write(tmp)
     os.replace(tmp, path)
+
+
+def _write_index_atomic(index, path: Path) -> None:
+    _write_atomic(path, lambda tmp: faiss.write_index(index, str(tmp)))
+
+
+def write_part(index, path: Path) -> None:
+    """The inverted lists of an in-memory IVF index as one raw file: PART_MAGIC, nlist and code size (int64), the
+    nlist list sizes (int64), then each non-empty list's codes followed by its ids (int64), in list order."""
+    inv = faiss.extract_index_ivf(index).invlists
+    nlist, code_size = int(inv.nlist), int(inv.code_size)
+    sizes = np.array([inv.list_size(j) for j in range(nlist)], np.int64)
+    with open(path, "wb") as f:
+        f.write(PART_MAGIC)
+        f.write(np.array([nlist, code_size], np.int64).tobytes())
+        f.write(sizes.tobytes())
+        for j in np.flatnonzero(sizes).tolist():
+            n = int(sizes[j])
+            f.write(memoryview(faiss.rev_swig_ptr(inv.get_codes(j), n * code_size)))
+            f.write(memoryview(faiss.rev_swig_ptr(inv.get_ids(j), n)))
+
+
+def read_part_sizes(path: Path, nlist: int, code_size: int) -> np.ndarray:
+    """The list sizes (nlist,) of a part file, checked against the trained index and the file's length."""
+    header = len(PART_MAGIC) + 16
+    with open(path, "rb") as f:
+        head = f.read(header)
+        sizes = np.frombuffer(f.read(8 * nlist), np.int64) if len(head) == header else None
+    fields = np.frombuffer(head[len(PART_MAGIC):], np.int64) if len(head) == header else None
+    if (fields is None or head[:len(PART_MAGIC)] != PART_MAGIC or fields.tolist() != [nlist, code_size]
+            or len(sizes) != nlist or (sizes < 0).any()
+            or Path(path).stat().st_size != header + 8 * nlist + int(sizes.sum()) * (code_size + 8)):
+        raise OnDiskBuildError(f"{path}: not a complete part of this index ({nlist} lists of {code_size}-byte "
+                               f"codes); delete it and rerun the build to add it again")
+    return sizes
 
 
 def part_ranges(shard_rows: list[int], part_vectors: int) -> list[tuple[int, int]]:
@@ -165,7 +205,7 @@ def build_ondisk_index(d: Path, emb_dir: Path, n: int, factory: str, cfg: IndexC
             part_vectors = int(min(PART_MAX_VECTORS, cfg.memory_budget_gb * 2 ** 30 / 8 / (code_size + 8)))
         ranges = part_ranges(rows, max(1, part_vectors))
         settings = {"factory": factory, "num_vectors": n, "shards": len(shards), "train_size": cfg.train_size,
-                    "seed": seed, "parts": [list(r) for r in ranges]}
+                    "seed": seed, "parts": [list(r) for r in ranges], "part_format": PART_MAGIC.decode()}
         if ranks.main:
             check_or_record(parts / "settings.json", settings, OnDiskBuildError, "pass --overwrite to rebuild the index")
         trained_path = parts / "trained.index"
@@ -183,13 +223,13 @@ def build_ondisk_index(d: Path, emb_dir: Path, n: int, factory: str, cfg: IndexC
         if not ranks.main:
             check_or_record(parts / "settings.json", settings, OnDiskBuildError, "pass --overwrite to rebuild the index")
         starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
-        part_paths = [str(parts / f"part_{p:05d}.index") for p in range(len(ranges))]
+        part_paths = [parts / f"part_{p:05d}.lists" for p in range(len(ranges))]
         mine = ranks.mine(list(range(len(ranges))))
         with tqdm(total=sum(ranges[p][1] - ranges[p][0] for p in mine), desc="IVF-PQ parts", unit="shard",
                   disable=not progress) as bar:
             for p in mine:
                 first, end = ranges[p]
-                path = Path(part_paths[p])
+                path = part_paths[p]
                 if not path.exists():
                     index = faiss.read_index(str(trained_path))
                     set_quantizer_ef(index)
@@ -199,7 +239,7 @@ def build_ondisk_index(d: Path, emb_dir: Path, n: int, factory: str, cfg: IndexC
                                            np.arange(starts[s], starts[s + 1], dtype=np.int64))
                         del x
                         bar.update()
-                    _write_index_atomic(index, path)
+                    _write_atomic(path, lambda tmp: write_part(index, tmp))
                     del index
                 else:
                     bar.update(end - first)
@@ -209,13 +249,13 @@ def build_ondisk_index(d: Path, emb_dir: Path, n: int, factory: str, cfg: IndexC
         ranks.barrier()  # every part is written
         if not ranks.main:
             return factory, None, None, None
-        missing = [p for p in part_paths if not Path(p).exists()]
+        missing = [p for p in part_paths if not p.exists()]
         if missing:
             raise OnDiskBuildError(f"{parts}: {len(missing)} parts missing after the add step (first {missing[0]}); "
                                    f"rerun the build to add them")
         index = faiss.read_index(str(trained_path))
         (d / IVFDATA).unlink(missing_ok=True)
-        merge_parts(index, part_paths, d / IVFDATA)
+        merge_parts(index, part_paths, d / IVFDATA, progress=progress)
         if index.ntotal != n:
             raise OnDiskBuildError(f"{parts}: merged {index.ntotal} vectors, expected {n}; pass --overwrite")
         _write_index_atomic(index, d / "index.faiss")
@@ -233,21 +273,44 @@ def build_ondisk_index(d: Path, emb_dir: Path, n: int, factory: str, cfg: IndexC
     return factory, nprobe, refine, recall
 
 
-def merge_parts(trained, part_paths: list[str], ivfdata: Path) -> None:
-    """The parts' inverted lists (memory-mapped, IO_FLAG_MMAP) merged into OnDiskInvertedLists at `ivfdata`, which
-    become `trained`'s lists. As faiss.contrib.ondisk.merge_ondisk, except that the parts keep owning their lists
-    and are freed after the merge: their maps are dropped rather than left resident for the life of the process."""
-    parts = [faiss.read_index(p, faiss.IO_FLAG_MMAP) for p in part_paths]
+def merge_parts(trained, part_paths: list[Path], ivfdata: Path, progress: bool = False) -> None:
+    """The parts' lists (write_part files) written list by list into `ivfdata`, which becomes the data file of an
+    OnDiskInvertedLists that replaces `trained`'s empty lists: list j holds every part's codes for j, then their
+    ids, parts in order. Memory holds one list of one part at a time."""
     ivf = faiss.extract_index_ivf(trained)
     if ivf.ntotal:
         raise OnDiskBuildError(f"{ivfdata}: the trained index already holds {ivf.ntotal} vectors")
-    merged = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(ivfdata))
-    lists = faiss.InvertedListsPtrVector()
-    for part in parts:
-        lists.push_back(faiss.extract_index_ivf(part).invlists)
-    ntotal = merged.merge_from_multiple(lists.data(), lists.size(), False)
-    del lists, parts
-    trained.ntotal = ivf.ntotal = ntotal
+    nlist, code_size = int(ivf.nlist), int(ivf.code_size)
+    entry = code_size + 8
+    sizes = np.stack([read_part_sizes(p, nlist, code_size) for p in part_paths])  # (parts, nlist)
+    header = len(PART_MAGIC) + 16 + 8 * nlist
+    starts = header + np.concatenate([np.zeros((len(part_paths), 1), np.int64), np.cumsum(sizes * entry, 1)], 1)
+    total = sizes.sum(0)
+    offsets = np.concatenate([[0], np.cumsum(total * entry)])
+    fds = [os.open(p, os.O_RDONLY) for p in part_paths]
+    try:
+        with open(ivfdata, "wb") as out:
+            for j in tqdm(range(nlist), desc="merging lists", unit="list", disable=not progress, miniters=1024):
+                blocks = [os.pread(fd, int(sizes[p, j]) * entry, int(starts[p, j])) for p, fd in enumerate(fds)]
+                for p, block in enumerate(blocks):
+                    out.write(memoryview(block)[:int(sizes[p, j]) * code_size])
+                for p, block in enumerate(blocks):
+                    out.write(memoryview(block)[int(sizes[p, j]) * code_size:])
+    finally:
+        for fd in fds:
+            os.close(fd)
+    lists = faiss.OnDiskOneListVector()
+    for j in range(nlist):
+        one = faiss.OnDiskOneList()
+        one.size = one.capacity = int(total[j])
+        one.offset = int(offsets[j])
+        lists.push_back(one)
+    merged = faiss.OnDiskInvertedLists(nlist, code_size, str(ivfdata))
+    merged.lists = lists
+    merged.totsize = int(offsets[-1])
+    if merged.totsize:
+        merged.do_mmap()  # searchable now, as when read back from index.faiss
+    trained.ntotal = ivf.ntotal = int(total.sum())
     ivf.replace_invlists(merged, True)
     merged.this.disown()  # owned by `trained` now
 

@@ -41,7 +41,7 @@ def test_missing_results_are_padded():
     (1_000_000, 8, "IVF2048,Flat"),
     (1_000_000, 1, "IVF2048,SQ8"),
     (1_000_000, 0.1, "IVF2048,PQ96"),
-    (100_000_000, 1000, "IVF16384_HNSW32,Flat"),
+    (100_000_000, 1000, "IVF16384,Flat"),
 ])
 def test_factory_choice_follows_size_and_budget(n, budget_gb, expected):
     factory = choose_factory(n, 384, memory_budget_gb=budget_gb)

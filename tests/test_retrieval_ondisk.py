@@ -30,7 +30,9 @@ def test_plan_moves_to_disk_only_past_the_budget():
     cfg = IndexConfig(memory_budget_gb=4)
     assert plan_index(1_000_000, 384, cfg).on_disk is False  # 1.4 GiB of vectors fit
     plan = plan_index(10_000_000, 384, cfg)  # 14.3 GiB do not
-    assert plan.on_disk and plan.factory == "IVF16384_HNSW32,PQ192"
+    assert plan.on_disk and plan.factory == "IVF16384,PQ192"
+    # past 65,536 lists the coarse quantizer is a graph: 2^32 vectors on disk -> 262,144 lists
+    assert plan_index(2 ** 32, 384, cfg).factory == "IVF262144_HNSW32,PQ192"
     assert plan_index(10_000_000, 384, IndexConfig(memory_budget_gb=4, opq=True)).factory.startswith("OPQ192,")
     assert not plan_index(50_000, 384, IndexConfig(memory_budget_gb=0.01)).on_disk  # small: never on disk
     faiss.index_factory(384, plan.factory, faiss.METRIC_INNER_PRODUCT)
@@ -77,20 +79,20 @@ def test_ondisk_build_resumes_after_an_interruption(tmp_path, monkeypatch):
     x = clustered(seed=2)
     write_shards(tmp_path / "embeddings", x)
     cfg = IndexConfig(nprobe=4)
-    real = ondisk._write_index_atomic
+    real = ondisk._write_atomic
     written = []
 
-    def dies_on_second_part(index, path):
-        if path.name == "part_00001.index":
+    def dies_on_second_part(path, write):
+        if path.name == "part_00001.lists":
             raise KeyboardInterrupt
         written.append(path.name)
-        real(index, path)
+        real(path, write)
 
-    monkeypatch.setattr(ondisk, "_write_index_atomic", dies_on_second_part)
+    monkeypatch.setattr(ondisk, "_write_atomic", dies_on_second_part)
     with pytest.raises(KeyboardInterrupt):
         build_ondisk_index(tmp_path, tmp_path / "embeddings", N, "IVF16,PQ4", cfg, progress=False,
                            part_vectors=SHARD)
-    assert written == ["trained.index", "part_00000.index"] and not (tmp_path / "index.faiss").exists()
+    assert written == ["trained.index", "part_00000.lists"] and not (tmp_path / "index.faiss").exists()
     with pytest.raises(ondisk.OnDiskBuildError, match="other settings"):  # unfinished work is never mixed
         build_ondisk_index(tmp_path, tmp_path / "embeddings", N, "IVF32,PQ4", cfg, progress=False,
                            part_vectors=SHARD)
@@ -98,10 +100,38 @@ def test_ondisk_build_resumes_after_an_interruption(tmp_path, monkeypatch):
         build_ondisk_index(tmp_path, tmp_path / "embeddings", N, "IVF16,PQ4", cfg, progress=False,
                            part_vectors=2 * SHARD)
     written.clear()
-    monkeypatch.setattr(ondisk, "_write_index_atomic", lambda i, p: (written.append(p.name), real(i, p)))
+    monkeypatch.setattr(ondisk, "_write_atomic", lambda p, w: (written.append(p.name), real(p, w)))
     build_ondisk_index(tmp_path, tmp_path / "embeddings", N, "IVF16,PQ4", cfg, progress=False, part_vectors=SHARD)
-    assert written == ["part_00001.index", "part_00002.index", "index.faiss"]  # training and part 0 reused
+    assert written == ["part_00001.lists", "part_00002.lists", "index.faiss"]  # training and part 0 reused
     assert load_ondisk(tmp_path).ntotal == N and not (tmp_path / "ivf_parts").exists()
+
+
+def test_a_damaged_part_is_refused_by_name_and_not_merged(tmp_path, monkeypatch):
+    import retrieval.ondisk as ondisk
+
+    write_shards(tmp_path / "embeddings", clustered(seed=2))
+    cfg = IndexConfig(nprobe=4)
+    real = ondisk._write_atomic
+
+    def dies_at_the_merge(path, write):
+        if path.name == "index.faiss":
+            raise KeyboardInterrupt
+        real(path, write)
+
+    monkeypatch.setattr(ondisk, "_write_atomic", dies_at_the_merge)
+    with pytest.raises(KeyboardInterrupt):
+        build_ondisk_index(tmp_path, tmp_path / "embeddings", N, "IVF16,PQ4", cfg, progress=False,
+                           part_vectors=SHARD)
+    monkeypatch.setattr(ondisk, "_write_atomic", real)
+    part = tmp_path / "ivf_parts" / "part_00001.lists"
+    part.write_bytes(part.read_bytes()[:-5])
+    with pytest.raises(ondisk.OnDiskBuildError, match="part_00001.lists: not a complete part"):
+        build_ondisk_index(tmp_path, tmp_path / "embeddings", N, "IVF16,PQ4", cfg, progress=False,
+                           part_vectors=SHARD)
+    assert not (tmp_path / "index.faiss").exists()
+    part.unlink()  # as the message says: the rerun adds it again
+    build_ondisk_index(tmp_path, tmp_path / "embeddings", N, "IVF16,PQ4", cfg, progress=False, part_vectors=SHARD)
+    assert load_ondisk(tmp_path).ntotal == N
 
 
 def test_parts_group_consecutive_shards_up_to_their_size():
