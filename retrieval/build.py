@@ -163,17 +163,16 @@ def _build_locked(docs, d: Path, tokenizer, embedder, cfg: BuildConfig, tokenize
         records = chunk_documents(docs, tokenizer, cfg.chunk_size, progress=progress)
     if ranks.main and (d / "build.json").exists() and not any((d / sub).exists() for sub in ("chunks", "embeddings")):
         (d / "build.json").unlink()  # a record of settings without any work done: nothing to protect
-    if ranks.main:
-        check_or_record(d / "build.json", settings, BuildSettingsError,
-                        "rerun with the original settings to resume, or pass --overwrite")
-    if records is not None:
-        write_chunk_db(d / "chunks", records, docs, {"corpus_hash": settings["corpus_hash"],
-                                                    "tokenizer": settings["tokenizer"]})
-        del records
-    ranks.barrier()  # the chunk database is complete
-    if not ranks.main:
-        check_or_record(d / "build.json", settings, BuildSettingsError,
-                        "rerun with the original settings to resume, or pass --overwrite")
+    def write_chunks():
+        if records is not None:
+            write_chunk_db(d / "chunks", records, docs, {"corpus_hash": settings["corpus_hash"],
+                                                        "tokenizer": settings["tokenizer"]})
+
+    # after the barrier the chunk database is complete
+    ranks.main_first(lambda: check_or_record(d / "build.json", settings, BuildSettingsError,
+                                             "rerun with the original settings to resume, or pass --overwrite"),
+                     then=write_chunks)
+    del records
     db = ChunkDB(d / "chunks")
     encoded = embed_chunk_db(db, embedder, d / "embeddings", shard_size=cfg.shard_size, batch_size=cfg.batch_size,
                    with_title=cfg.with_title, progress=progress,

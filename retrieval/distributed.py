@@ -28,6 +28,16 @@ class Ranks:
     def main(self) -> bool:
         return self.rank == 0
 
+    def main_first(self, step: Callable[[], None], then: Callable[[], None] = lambda: None) -> None:
+        """`step()` on rank 0, `then()` on every rank, a barrier, then `step()` on the others. With a `step` that
+        records settings the first time and checks them later, rank 0 records and the others check its record."""
+        if self.main:
+            step()
+        then()
+        self.barrier()
+        if not self.main:
+            step()
+
     def mine(self, items: list) -> list:
         """This rank's share of `items`: every world-th, from its rank."""
         return items[self.rank::self.world]

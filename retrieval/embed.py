@@ -70,13 +70,9 @@ def embed_chunk_db(db: ChunkDB, embedder, directory: str | Path, *, state: dict,
     With several `ranks` (distributed.py) each embeds the shards s with s % world == rank."""
     d = Path(directory)
     state = {**state, "shard_size": shard_size, "with_title": with_title, "num_chunks": len(db)}
-    for turn in (True, False):  # rank 0 records the state; then the others check it
-        if ranks.main == turn:
-            d.mkdir(parents=True, exist_ok=True)
-            check_or_record(d / "state.json", state, EmbeddingStateError,
-                            "pass --overwrite (overwrite=True) to rebuild the embeddings from scratch")
-        if turn:
-            ranks.barrier()
+    ranks.main_first(lambda: check_or_record(d / "state.json", state, EmbeddingStateError,
+                                             "pass --overwrite (overwrite=True) to rebuild the embeddings from "
+                                             "scratch"))
 
     n_shards = (len(db) + shard_size - 1) // shard_size
     todo = [s for s in ranks.mine(list(range(n_shards))) if not shard_path(d, s).exists()]

@@ -40,6 +40,7 @@ IVFDATA = "index.ivfdata"
 MAX_REFINE = 64  # re-scored candidates per result: 640 rows read back for a top-10
 PART_MAX_VECTORS = 1_000_000  # vectors per part file
 PART_MAGIC = b"RTIVFPT1"  # the first bytes of a part file (write_part)
+PART_FIELDS = len(PART_MAGIC) + 16  # the magic, then nlist and the code size as int64
 
 
 class OnDiskBuildError(RuntimeError):
@@ -160,16 +161,20 @@ def write_part(index, path: Path) -> None:
             f.write(memoryview(faiss.rev_swig_ptr(inv.get_ids(j), n)))
 
 
+def part_header_bytes(nlist: int) -> int:
+    """Where a part file's first list starts: after its fields and the nlist list sizes."""
+    return PART_FIELDS + 8 * nlist
+
+
 def read_part_sizes(path: Path, nlist: int, code_size: int) -> np.ndarray:
     """The list sizes (nlist,) of a part file, checked against the trained index and the file's length."""
-    header = len(PART_MAGIC) + 16
     with open(path, "rb") as f:
-        head = f.read(header)
-        sizes = np.frombuffer(f.read(8 * nlist), np.int64) if len(head) == header else None
-    fields = np.frombuffer(head[len(PART_MAGIC):], np.int64) if len(head) == header else None
+        head = f.read(PART_FIELDS)
+        sizes = np.frombuffer(f.read(8 * nlist), np.int64) if len(head) == PART_FIELDS else None
+    fields = np.frombuffer(head[len(PART_MAGIC):], np.int64) if len(head) == PART_FIELDS else None
     if (fields is None or head[:len(PART_MAGIC)] != PART_MAGIC or fields.tolist() != [nlist, code_size]
             or len(sizes) != nlist or (sizes < 0).any()
-            or Path(path).stat().st_size != header + 8 * nlist + int(sizes.sum()) * (code_size + 8)):
+            or Path(path).stat().st_size != part_header_bytes(nlist) + int(sizes.sum()) * (code_size + 8)):
         raise OnDiskBuildError(f"{path}: not a complete part of this index ({nlist} lists of {code_size}-byte "
                                f"codes); delete it and rerun the build to add it again")
     return sizes
@@ -206,10 +211,11 @@ def build_ondisk_index(d: Path, emb_dir: Path, n: int, factory: str, cfg: IndexC
         ranges = part_ranges(rows, max(1, part_vectors))
         settings = {"factory": factory, "num_vectors": n, "shards": len(shards), "train_size": cfg.train_size,
                     "seed": seed, "parts": [list(r) for r in ranges], "part_format": PART_MAGIC.decode()}
-        if ranks.main:
-            check_or_record(parts / "settings.json", settings, OnDiskBuildError, "pass --overwrite to rebuild the index")
         trained_path = parts / "trained.index"
-        if ranks.main and not trained_path.exists():
+
+        def train():
+            if not ranks.main or trained_path.exists():
+                return
             index = make_index(dim, factory)
             ivf = faiss.extract_index_ivf(index)
             size = min(n, cfg.train_size or max(40 * ivf.nlist, 20_000))
@@ -219,9 +225,10 @@ def build_ondisk_index(d: Path, emb_dir: Path, n: int, factory: str, cfg: IndexC
             del sample
             set_quantizer_ef(index)  # vectors are assigned to their lists through this walk too
             _write_index_atomic(index, trained_path)
-        ranks.barrier()  # the trained index exists
-        if not ranks.main:
-            check_or_record(parts / "settings.json", settings, OnDiskBuildError, "pass --overwrite to rebuild the index")
+
+        # after the barrier the trained index exists
+        ranks.main_first(lambda: check_or_record(parts / "settings.json", settings, OnDiskBuildError,
+                                                 "pass --overwrite to rebuild the index"), then=train)
         starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
         part_paths = [parts / f"part_{p:05d}.lists" for p in range(len(ranges))]
         mine = ranks.mine(list(range(len(ranges))))
@@ -283,8 +290,8 @@ def merge_parts(trained, part_paths: list[Path], ivfdata: Path, progress: bool =
     nlist, code_size = int(ivf.nlist), int(ivf.code_size)
     entry = code_size + 8
     sizes = np.stack([read_part_sizes(p, nlist, code_size) for p in part_paths])  # (parts, nlist)
-    header = len(PART_MAGIC) + 16 + 8 * nlist
-    starts = header + np.concatenate([np.zeros((len(part_paths), 1), np.int64), np.cumsum(sizes * entry, 1)], 1)
+    starts = part_header_bytes(nlist) + np.concatenate([np.zeros((len(part_paths), 1), np.int64),
+                                                        np.cumsum(sizes * entry, 1)], 1)
     total = sizes.sum(0)
     offsets = np.concatenate([[0], np.cumsum(total * entry)])
     fds = [os.open(p, os.O_RDONLY) for p in part_paths]

@@ -47,3 +47,13 @@ def test_bench_index_scale_tiny(capsys):
     assert float(results["Flat"]["recall@10"]) == 1.0
     for r in results.values():
         assert 0.0 <= float(r["recall@10"]) <= 1.0 if r["recall@10"] != "-" else r["index"] == "HNSW"
+
+
+def test_bench_coarse_assignment_tiny(capsys):
+    assert load("bench_coarse_assignment").main(["--tiny", "--ef", "1", "256"]) == 0
+    header, *table = rows(capsys.readouterr().out)
+    results = {r[0]: dict(zip(header, r)) for r in table}
+    assert list(results) == ["exact (flat)", "HNSW32, efSearch 1", "HNSW32, efSearch 256"]
+    right = [float(r["lists right"]) for r in results.values()]
+    assert right[0] == 1.0 and 0.0 < right[1] <= 1.0
+    assert right[2] >= right[1]  # a walk as wide as the 256 lists cannot do worse than one of width 1
