@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -185,8 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     from retrieval.errors import run_cli
     from retrotune.preflight import expected_errors
 
-    return run_cli(args.handler, args, expected_errors(), debug=args.debug)
+    from retrieval.distributed import leave_process_group
+
+    try:
+        return run_cli(args.handler, args, expected_errors(), debug=args.debug)
+    finally:
+        leave_process_group()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from retrieval.distributed import exit_process
+
+    exit_process(main())

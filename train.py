@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from retrotune.config import load_config
 
@@ -54,4 +53,6 @@ def _train(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from retrieval.distributed import exit_process
+
+    exit_process(main())

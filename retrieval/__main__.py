@@ -398,4 +398,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from retrieval.distributed import exit_process
+
+    exit_process(main())

@@ -9,10 +9,12 @@ included.
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable
+from typing import Callable, NoReturn
 
 # Long steps (embedding a shard range, training a quantizer on millions of vectors) sit between two barriers.
 BARRIER_TIMEOUT = timedelta(hours=12)
@@ -59,12 +61,25 @@ def ranks_from_env() -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size(), dist.barrier)
 
 
+def exit_process(rc: int) -> NoReturn:
+    """End a command-line process (train.py, eval.py, `python -m retrieval`) with exit status `rc`. Under torchrun
+    (WORLD_SIZE > 1) it leaves the process group and, once stdout, stderr and the logs are flushed, skips the
+    interpreter's teardown: a C++ thread that gloo leaves joinable can otherwise abort a rank whose results are all
+    written ("terminate called without an active exception"), and torchrun then reports the finished run as
+    failed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(rc)
+    leave_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 def leave_process_group() -> None:
-    """Destroy the default process group if this process joined one (torchrun runs of train.py and of the build).
+    """Destroy the default process group if this process joined one (torchrun runs of train.py, eval.py and the build).
     Left to interpreter exit, gloo's threads can abort an otherwise finished process ("terminate called without
     an active exception")."""
-    import sys
-
     if "torch.distributed" not in sys.modules:
         return
     import torch.distributed as dist

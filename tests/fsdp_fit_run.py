@@ -70,11 +70,6 @@ if __name__ == "__main__":
 
     if os.environ.get("RANK", "0") == "0":
         print("LOSSES " + json.dumps(losses))
-    from retrieval.distributed import leave_process_group
+    from retrieval.distributed import exit_process
 
-    leave_process_group()
-    # every result is out: skip the interpreter's teardown, where a C++ thread left joinable still aborts a
-    # finished rank now and then ("terminate called without an active exception"), failing a run that succeeded
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_process(0)
