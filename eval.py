@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -84,26 +85,38 @@ def _checkpoint(args) -> int:
     import shutil
 
     from retrotune.cell import evaluate_run
-    from retrotune.preflight import check_index
+    from retrotune.preflight import check_index, check_positive
+    from retrotune.runs import verify_final
 
-    if not (Path(args.run) / "final" / "run.json").is_file():
-        raise FileNotFoundError(f"{args.run} holds no finished run (no final/run.json); train it first, or resume it "
-                                f"with the same train.py command")
+    verify_final(args.run)  # finished and intact, before any model loads
     if args.index:
         check_index(args.index)
+    data = {}
+    if args.limit is not None:
+        check_positive(args.limit, "--limit")
+        data["validation_size"] = args.limit
+    if args.qa:  # every question of the file unless --limit says otherwise
+        data.update(eval_qa=args.qa, validation_size=args.limit)
     out = Path(args.out) if args.out else Path(args.run) / "eval"
     for part in ("true", "shuffled", "none"):  # evaluated afresh: another index or task must not read old scores
         shutil.rmtree(out / part, ignore_errors=True)
     scores = evaluate_run(Path(args.run), out, controls=args.controls, index=args.index, decoder=args.decoder,
-                          task=args.task, eval_qa=args.qa, validation_size=args.limit)
+                          task=args.task, **data)
     (out / "scores.json").write_text(json.dumps(scores, indent=2))
     print(json.dumps(scores, indent=2))
+    source = args.qa or "the run's evaluation split"
+    limit = f" (--limit {args.limit})" if args.limit is not None else ""
+    print(f"scored n={scores['n']} questions of {source}{limit}", file=sys.stderr)
     return 0
 
 
 def _paper(args) -> int:
     from retrotune.grid import load_grid, run_grid
 
+    for flag in ("cell", "methods"):  # `--cell X key=value`: argparse hands the override to --cell's list
+        names = getattr(args, flag) or []
+        args.overrides += [name for name in names if "=" in name]
+        setattr(args, flag, [name for name in names if "=" not in name] or None)
     grid = load_grid(args.file, args.overrides)
     if args.plan:
         from retrotune.grid import plan_script

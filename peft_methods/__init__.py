@@ -20,7 +20,7 @@ from .lora import (DoRAConfig, IA3Config, LoRAConfig, RsLoRAConfig, VeRAConfig, 
 from .loretta import LorettaAdpConfig, LorettaRepConfig, apply_loretta_adp, apply_loretta_rep
 from .ptuning import (PrefixTuningConfig, PromptTuningConfig, PTuningConfig, PTuningModel, apply_prefix_tuning,
                       apply_ptuning)
-from .registry import (METHODS, apply_peft, known_methods, merge_peft, peft_config_from_dict, register_method,
+from .registry import (METHODS, apply_peft, check_fits, known_methods, merge_peft, peft_config_from_dict, register_method,
                        unmerge_peft)
 from .targets import PRESETS, is_retro, resolve_targets
 
@@ -39,7 +39,7 @@ register_method(LorettaRepConfig, apply_loretta_rep, mergeable=True)
 register_method(FullConfig, apply_full)
 
 __all__ = [
-    "apply_peft", "peft_config_from_dict", "register_method", "known_methods", "METHODS", "MethodConfig",
+    "apply_peft", "check_fits", "peft_config_from_dict", "register_method", "known_methods", "METHODS", "MethodConfig",
     "LoRAConfig", "DoRAConfig", "RsLoRAConfig", "VeRAConfig", "IA3Config", "PTuningConfig", "PromptTuningConfig",
     "PrefixTuningConfig", "PTuningModel", "AdapterConfig", "LorettaAdpConfig", "LorettaRepConfig", "BitFitConfig",
     "FullConfig", "default_hparams", "resolve_hparams", "split_peft_entry", "HPARAM_DEFAULTS", "HPARAM_SOURCES", "count_trainable", "trainable_parameters", "owned_parameters", "get_record",

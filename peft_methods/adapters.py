@@ -28,10 +28,10 @@ class AdapterConfig(MethodConfig):
     """
 
     method = "adapter"
-    train_norms: bool = True
-    bottleneck: int = 64
-    activation: str = "gelu"
-    blocks: tuple[str, ...] = ("decoder",)
+    train_norms: bool = True  # Houlsby et al. train the adapted layers' norms
+    bottleneck: int = 64  # adapter width between the down and up projections
+    activation: str = "gelu"  # between the projections: relu | gelu | silu | tanh
+    blocks: tuple[str, ...] = ("decoder",)  # decoder and/or retro_encoder layers get adapters
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -19,12 +19,17 @@ class BitFitConfig(MethodConfig):
     method = "bitfit"
 
 
-def apply_bitfit(model: nn.Module, config: BitFitConfig) -> tuple[nn.Module, Owned]:
-    kinds = classify_existing(model)
-    owned: Owned = []
-    for _, block in selected_blocks(model, config.layers):
-        owned += [(p, kinds[id(p)]) for name, p in block.layer.named_parameters() if name.rsplit(".", 1)[-1] == "bias"]
-    if not owned:
+def bias_parameters(model: nn.Module, layers) -> list[nn.Parameter]:
+    """The biases of the selected decoder layers; on a model built on the meta device too (a check before loading).
+    ValueError when there are none: BitFit would train nothing."""
+    biases = [p for _, block in selected_blocks(model, layers)
+              for name, p in block.layer.named_parameters() if name.rsplit(".", 1)[-1] == "bias"]
+    if not biases:
         raise ValueError(f"bitfit: the selected layers of {type(model).__name__} have no bias parameters (e.g. LLaMA "
                          "and SmolLM2 are built without biases), so BitFit would train nothing; use ia3 or lora")
-    return model, owned
+    return biases
+
+
+def apply_bitfit(model: nn.Module, config: BitFitConfig) -> tuple[nn.Module, Owned]:
+    kinds = classify_existing(model)
+    return model, [(p, kinds[id(p)]) for p in bias_parameters(model, config.layers)]

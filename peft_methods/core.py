@@ -63,7 +63,7 @@ class MethodConfig:
     `train_norms` is its paper's: only Houlsby adapters train them."""
 
     method: ClassVar[str] = ""
-    layers: LayerSpec = "all"
+    layers: LayerSpec = "all"  # decoder layers: all, "top:4", "bottom:4" or a list of indices
     train_retro: bool = False
     train_norms: bool = False
 

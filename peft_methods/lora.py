@@ -24,11 +24,11 @@ class LoRAConfig(MethodConfig):
     """Low-rank update W + (alpha/r) B A on the target linear layers (B starts at zero)."""
 
     method = "lora"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("attention",)
-    bias: Literal["none", "lora_only", "all"] = "none"
+    r: int = 8  # rank of the update
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapted layers' input
+    targets: tuple[str, ...] = ("attention",)  # presets (attention, attention_qv, mlp, cca, ...) or module names
+    bias: Literal["none", "lora_only", "all"] = "none"  # which biases train: none | lora_only | all
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,10 +59,10 @@ class VeRAConfig(MethodConfig):
     and b (out). peft's default rank 256; b starts at zero, so the model starts equal to the base."""
 
     method = "vera"
-    r: int = 256
-    dropout: float = 0.0
-    d_initial: float = 0.1
-    targets: tuple[str, ...] = ("attention",)
+    r: int = 256  # rank of the shared random A, B
+    dropout: float = 0.0  # dropout on the adapted layers' input
+    d_initial: float = 0.1  # initial value of the scaling vector d
+    targets: tuple[str, ...] = ("attention",)  # presets (attention, attention_qv, mlp, cca, ...) or module names
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -67,14 +67,14 @@ class LorettaAdpConfig(MethodConfig):
     """Tensor-train adapters; defaults as in the authors' code (placement around the MLP, biases, tanh, no norms)."""
 
     method = "loretta_adp"
-    bottleneck: int = 64
-    tt_rank: int = 5
-    shapes: str = "paper"
-    max_mode: int = 16
-    placement: str = "paper"
-    bias: bool = True
-    activation: str = "tanh"
-    blocks: tuple[str, ...] = ("decoder",)
+    bottleneck: int = 64  # adapter width between the down and up projections
+    tt_rank: int = 5  # rank of the tensor-train cores
+    shapes: str = "paper"  # paper: the authors' tensor modes where they chose some, else auto | auto
+    max_mode: int = 16  # largest tensor mode when shapes are factorised automatically
+    placement: str = "paper"  # paper: around the MLP, three per layer | houlsby: after attention and MLP
+    bias: bool = True  # TT projections carry biases, as in the authors' code
+    activation: str = "tanh"  # between the projections, as in the authors' code
+    blocks: tuple[str, ...] = ("decoder",)  # decoder and/or retro_encoder layers get adapters
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -90,13 +90,13 @@ class LorettaRepConfig(MethodConfig):
     """W + (alpha/r) A B with A (in, r) and B (r, out) tensor-train matrices; B's last core starts at zero."""
 
     method = "loretta_rep"
-    r: int = 8
-    alpha: float = 16.0
-    tt_rank: int = 5
-    shapes: str = "paper"
-    max_mode: int = 16
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("attention_qv",)
+    r: int = 8  # rank of the update (the TT matrices A and B)
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    tt_rank: int = 5  # rank of the tensor-train cores
+    shapes: str = "paper"  # paper: the authors' tensor modes where they chose some, else auto | auto
+    max_mode: int = 16  # largest tensor mode when shapes are factorised automatically
+    dropout: float = 0.0  # dropout on the adapted layers' input
+    targets: tuple[str, ...] = ("attention_qv",)  # q/v projections, as in the authors' code
 
     def __post_init__(self) -> None:
         super().__post_init__()

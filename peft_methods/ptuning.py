@@ -30,10 +30,10 @@ class PTuningConfig(MethodConfig):
     """`n_virtual` virtual tokens produced by an 'mlp' or 'lstm' prompt encoder (`layers` does not apply)."""
 
     method = "ptuning"
-    n_virtual: int = 20
-    encoder: str = "mlp"
-    encoder_hidden: int = 128
-    lstm_layers: int = 2
+    n_virtual: int = 20  # number of virtual tokens
+    encoder: str = "mlp"  # prompt encoder: mlp | lstm
+    encoder_hidden: int = 128  # hidden width of the prompt encoder
+    lstm_layers: int = 2  # LSTM layers when encoder is lstm
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -47,7 +47,7 @@ class PromptTuningConfig(MethodConfig):
     """`n_virtual` learned input embeddings, nothing else (`layers` does not apply)."""
 
     method = "prompt_tuning"
-    n_virtual: int = 20
+    n_virtual: int = 20  # number of virtual tokens
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,8 +59,8 @@ class PrefixTuningConfig(MethodConfig):
     """`n_virtual` learned key/value vectors per layer (GPT only), optionally through an MLP (`projection_hidden`)."""
 
     method = "prefix_tuning"
-    n_virtual: int = 20
-    projection_hidden: Optional[int] = None
+    n_virtual: int = 20  # number of virtual tokens
+    projection_hidden: Optional[int] = None  # hidden width of the prefix MLP; None: no MLP
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -193,11 +193,14 @@ def apply_ptuning(model: nn.Module, config: PTuningConfig | PromptTuningConfig) 
     return wrapper, owned
 
 
+PREFIX_ON_RETRO = ("prefix_tuning is not available on RETRO: its learned keys/values enter every layer as a KV "
+                   "cache of n_virtual positions, which shifts RETRO's chunk boundaries and its cached retrieval "
+                   "state; use ptuning or prompt_tuning (chunk-aligned virtual tokens) on RETRO")
+
+
 def apply_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> tuple[nn.Module, Owned]:
     if is_retro(model):
-        raise ValueError("prefix_tuning is not available on RETRO: its learned keys/values enter every layer as a KV "
-                         "cache of n_virtual positions, which shifts RETRO's chunk boundaries and its cached retrieval "
-                         "state; use ptuning or prompt_tuning (chunk-aligned virtual tokens) on RETRO")
+        raise ValueError(PREFIX_ON_RETRO)
     projection = config.projection_hidden is not None
     peft_config = peft.PrefixTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=config.n_virtual,
                                           prefix_projection=projection,

@@ -15,7 +15,7 @@ from torch import nn
 
 from .core import RECORD_ATTR, ApplyFn, MethodConfig, PeftRecord, fingerprint, get_record
 from .loretta import TTLoRALayer
-from .targets import is_retro, norm_parameters
+from .targets import check_retro_targets, is_retro, norm_parameters
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,23 @@ def peft_config_from_dict(data: Mapping, where: str = "peft config") -> MethodCo
         return config_cls(**fields)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
+
+
+def check_fits(config: MethodConfig, retro: bool, encoder: bool = True, base: nn.Module | None = None) -> None:
+    """The refusals `apply_peft` would make for this method on a model of this kind, decided without the model:
+    `retro` (a RETRO model), `encoder` (RETRO with its own neighbour encoder, not attention='joint'), `base` (the
+    decoder, e.g. built on the meta device, for methods that depend on its layers). ValueError with the reason."""
+    from .bitfit import bias_parameters
+    from .ptuning import PREFIX_ON_RETRO
+
+    if config.method == "prefix_tuning" and retro:
+        raise ValueError(PREFIX_ON_RETRO)
+    if config.train_retro and not retro:
+        raise ValueError(f"{type(config).__name__}.train_retro=True needs a RETRO model; this is the GPT baseline")
+    check_retro_targets(tuple(getattr(config, "targets", None) or ()) + tuple(getattr(config, "blocks", None) or ()),
+                        retro, encoder)
+    if config.method == "bitfit" and base is not None:
+        bias_parameters(base, config.layers)
 
 
 def apply_peft(model: nn.Module, config: Union[MethodConfig, Mapping]) -> nn.Module:

@@ -99,13 +99,21 @@ def selected_blocks(model: nn.Module, layers: LayerSpec) -> list[tuple[int, Bloc
     return [(i, _block(f"{list_name}.{i}", module_list[i])) for i in select_layers(layers, len(module_list))]
 
 
-def retro_encoder_blocks(model: nn.Module) -> list[Block]:
-    if not is_retro(model):
-        raise ValueError("target 'retro_encoder' needs a RETRO model (one with .chunk_size, .base and .encoder)")
-    if not hasattr(model.encoder, "layers"):
+def check_retro_targets(names, retro: bool, encoder: bool) -> None:
+    """Refuse targets or blocks that only RETRO has ('cca', 'retro_encoder') on another model, and 'retro_encoder'
+    on a RETRO model without its own neighbour encoder (`encoder` False: attention='joint')."""
+    for name in ("cca", "retro_encoder"):
+        if name in names and not retro:
+            raise ValueError(f"target {name!r} needs a RETRO model (one with .chunk_size, .base and .cca); drop it "
+                             f"from the targets of this model")
+    if "retro_encoder" in names and not encoder:
         raise ValueError("target 'retro_encoder': this RETRO model has no trained neighbour encoder (with "
                          "attention='joint' the frozen decoder encodes the neighbours, so the decoder's own targets "
                          "adapt both); drop 'retro_encoder' from the targets")
+
+
+def retro_encoder_blocks(model: nn.Module) -> list[Block]:
+    check_retro_targets(("retro_encoder",), is_retro(model), is_retro(model) and hasattr(model.encoder, "layers"))
     return [_block(f"encoder.layers.{i}", layer) for i, layer in enumerate(model.encoder.layers)]
 
 
@@ -122,8 +130,7 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...], layers: LayerSpe
         elif target == "mlp_out":
             found = [b.linears("mlp")[-1] for _, b in blocks]
         elif target == "cca":
-            if not is_retro(model):
-                raise ValueError("target 'cca' needs a RETRO model (one with .chunk_size, .base and .cca)")
+            check_retro_targets(("cca",), is_retro(model), True)
             chosen = {str(i) for i, _ in blocks}
             found = [f"cca.{key}.{n}" for key, sub in model.cca.items() if key in chosen
                      for n, m in sub.named_modules() if is_linear_like(m)]

@@ -61,15 +61,43 @@ def fusion_config(args):
                         normalisation=args.fusion_normalisation, depth=args.fusion_depth)
 
 
+def check_query_flags(args) -> None:
+    """Flag values no index can use, refused before anything is opened or loaded (FlagError: exit 2)."""
+    from retrieval.errors import FlagError
+
+    for name in ("k", "ks", "rrf_k", "fusion_depth", "rerank_depth", "limit", "nprobe", "chunk_depth", "chunk_size"):
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and value < 1:
+                raise FlagError(f"--{name.replace('_', '-')}: must be 1 or more, got {value}; give a positive number")
+    try:
+        fusion_config(args)
+    except ValueError as error:
+        raise FlagError(f"--fusion-weights: {error}") from None
+
+
+def index_manifest(args, index: str | None = None) -> tuple[Path, dict]:
+    """(directory, manifest) of the index a query command names, with the flags that depend on its kind checked."""
+    from retrieval.errors import FlagError
+    from retrieval.manifest import read_manifest
+
+    d = index_dir(index or args.index)
+    man = read_manifest(d)
+    if args.nprobe is not None and "IVF" not in str(man.get("factory")):
+        raise FlagError(f"--nprobe: {d} is a {man.get('factory')} index, and nprobe (inverted lists searched) applies "
+                        f"to IVF indexes only; drop --nprobe")
+    return d, man
+
+
 def open_retriever(args, need_tokenizer: bool = False, index: str | None = None, kind: str | None = None):
     from retrieval import Retriever
-    from retrieval.manifest import read_manifest, verify_directory
+    from retrieval.manifest import verify_directory
     from retrieval.rerank import RerankConfig
     from retrieval.retriever import query_encoder_record
 
-    d = index_dir(index or args.index)
+    check_query_flags(args)
+    d, man = index_manifest(args, index)
     kind = kind or getattr(args, "retriever", None) or "dense"
-    man = read_manifest(d)
     verify = True if getattr(args, "verify", False) else "auto"
     verify_directory(d, man, verify)  # before seconds of model loading
     embedder = None
@@ -91,13 +119,7 @@ def cmd_build(args) -> int:
     from retrieval.lexical import LexicalConfig
 
     out = Path(args.out) if args.out else INDEX_ROOT / args.name
-    spec = CorpusSpec(args.corpus, args.format, args.id_field, args.title_field or None, args.text_field,
-                      args.hf_split)
-    docs = load_corpus(spec)
-    if args.max_docs:
-        docs = docs[:args.max_docs]
-    print(f"corpus: {len(docs)} documents from {args.corpus}", file=sys.stderr)
-    try:
+    try:  # the settings first (the factory string is parsed here): before the corpus is read or anything embedded
         cfg = BuildConfig(chunk_size=args.chunk_size, batch_size=args.batch_size, shard_size=args.shard_size,
                           with_title=not args.no_title, overwrite=args.overwrite, wait_for_lock=args.wait,
                           devices=args.devices.split(",") if args.devices else None,
@@ -111,6 +133,12 @@ def cmd_build(args) -> int:
                           normalize={"auto": None, "yes": True, "no": False}[args.normalize])
     except ValueError as e:
         raise BuildSettingsError(f"build flags: {e}") from None
+    spec = CorpusSpec(args.corpus, args.format, args.id_field, args.title_field or None, args.text_field,
+                      args.hf_split)
+    docs = load_corpus(spec)
+    if args.max_docs:
+        docs = docs[:args.max_docs]
+    print(f"corpus: {len(docs)} documents from {args.corpus}", file=sys.stderr)
     if args.device is None and "LOCAL_RANK" in os.environ:  # under torchrun: one device per rank
         import torch
 
@@ -174,11 +202,17 @@ def eval_table(args) -> int:
     """Several BEIR datasets (each with its index) x several retrievers -> one table."""
     from retrieval import evaluate_beir
 
+    from retrieval.errors import FlagError
+
     if not args.beir:
-        raise SystemExit("error: several --index or --retriever values need --beir (one folder per index)")
+        raise FlagError("--qa: several --index or --retriever values need --beir (one folder per index); with --qa "
+                        "give one --index and one --retriever per command")
     if len(args.index) != len(args.beir):
-        raise SystemExit(f"error: {len(args.index)} --index values for {len(args.beir)} --beir folders; give one "
-                         f"index per dataset, in the same order")
+        raise FlagError(f"--index: {len(args.index)} values for {len(args.beir)} --beir folders; give one index per "
+                        f"dataset, in the same order")
+    check_query_flags(args)
+    for index in args.index:  # every index's kind against the flags, before the first is searched
+        index_manifest(args, index)
     rows = []
     for index, beir in zip(args.index, args.beir):
         for kind in args.retriever:

@@ -90,7 +90,7 @@ class BuildConfig:
     batch_size: int = 64  # embedder batch size
     shard_size: int = 8192  # chunks per embedding shard: the unit of resumption
     with_title: bool = True  # embed "title\nchunk text" when documents have titles
-    index: IndexConfig = field(default_factory=IndexConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)  # how the FAISS index is chosen, trained and searched
     devices: list[str] | None = None  # embedding worker devices; None: every GPU if more than one, else in-process
     overwrite: bool = False  # delete a finished index or a partial build with other settings first
     wait_for_lock: float = 0.0  # seconds to wait while another build holds the directory (< 0: forever)

@@ -29,12 +29,12 @@ class Document:
 class CorpusSpec:
     """Where a corpus lives and how to read it (the CLI's `--corpus/--format/--*-field` flags)."""
 
-    path: str
-    format: str = "auto"
-    id_field: str = "id"
-    title_field: str | None = "title"
-    text_field: str = "text"
-    hf_split: str = "train"
+    path: str  # a JSONL file, BEIR folder, folder of .txt files or Hugging Face dataset id
+    format: str = "auto"  # auto | jsonl | beir | txt | hf
+    id_field: str = "id"  # the document id's field
+    title_field: str | None = "title"  # the title's field; None: no titles
+    text_field: str = "text"  # the text's field
+    hf_split: str = "train"  # the split read from a Hugging Face dataset
 
     def __post_init__(self):
         if self.format not in CORPUS_FORMATS:

@@ -12,6 +12,10 @@ from typing import Callable
 EXIT_USER_ERROR = 2
 
 
+class FlagError(ValueError):
+    """A command-line flag with a value the command cannot use (decided before anything is loaded)."""
+
+
 def expected_errors() -> tuple[type[BaseException], ...]:
     """The retrieval package's user-facing errors, plus file-system ones (a missing or unreadable path)."""
     from .build import BuildSettingsError
@@ -20,7 +24,8 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from .integrity import IntegrityError
     from .manifest import RetrievalIndexError
 
-    return (CorpusError, BuildSettingsError, EmbeddingStateError, RetrievalIndexError, IntegrityError, OSError)
+    return (CorpusError, BuildSettingsError, EmbeddingStateError, RetrievalIndexError, IntegrityError, FlagError,
+            OSError)
 
 
 def report(error: BaseException) -> str:

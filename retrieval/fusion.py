@@ -23,7 +23,7 @@ NORMALISATIONS = ("minmax", "zscore")
 @dataclass
 class FusionConfig:
     method: str = "rrf"  # "rrf" or "score"
-    weights: dict[str, float] = field(default_factory=lambda: {"dense": 1.0, "bm25": 1.0})
+    weights: dict[str, float] = field(default_factory=lambda: {"dense": 1.0, "bm25": 1.0})  # per retriever
     rrf_k: int = 60  # RRF's rank offset (60 in the original paper)
     normalisation: str = "minmax"  # for method "score"
     depth: int = 100  # candidates taken from each retriever before fusing (at least k)

@@ -52,6 +52,8 @@ class IndexConfig:
             raise ValueError(f"memory_budget_gb must be positive, got {self.memory_budget_gb}")
         if not self.factory or not isinstance(self.factory, str):
             raise ValueError("factory must be 'auto' or a faiss.index_factory string such as 'IVF1024,Flat'")
+        if self.factory != "auto":
+            check_factory(self.factory)
 
 
 def choose_factory(n: int, dim: int, memory_budget_gb: float = 8.0, flat_threshold: int = 100_000) -> str:
@@ -108,13 +110,30 @@ def ondisk_factory(n: int, dim: int, cfg: IndexConfig) -> str:
     return f"OPQ{m},{coarse},PQ{m}" if cfg.opq else f"{coarse},PQ{m}"
 
 
+PROBE_DIMENSIONS = (64, 384, 768, 1024)  # widths a factory is tried at before the embedder gives the real one
+
+
+def check_factory(factory: str) -> None:
+    """Refuse a factory string faiss cannot parse, before anything is embedded: it must build an (empty) index at
+    one of a few common widths (PQ and OPQ need a width their M divides)."""
+    errors = []
+    for dim in PROBE_DIMENSIONS:
+        try:
+            make_index(dim, factory)
+            return
+        except ValueError as error:
+            errors.append(error)
+    raise errors[0]
+
+
 def make_index(dim: int, factory: str):
     """faiss.index_factory with inner product, or a ValueError that says what to change."""
     try:
         return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise ValueError(f"factory {factory!r} is not a valid faiss.index_factory string for {dim}-d vectors "
-                         f"({str(e).strip().splitlines()[-1][:200]}); try 'Flat' or 'IVF1024,Flat'") from None
+                         f"({str(e).strip().splitlines()[-1].split(': ', 2)[-1][:200]}); try 'Flat' or "
+                         f"'IVF1024,Flat'") from None
 
 
 def gpu_count(use_gpu: bool | None) -> int:

@@ -1,9 +1,11 @@
 """File integrity: sizes and checksums of the files of a directory, recorded when it is written and checked when
 it is read, so a truncated, overwritten or edited file is reported instead of silently read.
 
-One implementation for every kind of directory the project writes (indexes, training checkpoints). The checksum is
-xxh3-128 (`xxhash`) when installed, else sha256; each record names its algorithm, so a directory written with one
-is still checked on a machine that only has the other (sha256 is always there; xxh3 records need `xxhash`).
+One implementation for every kind of directory the project writes (indexes, training checkpoints, finished
+runs). The checksum is xxh3-128 (`xxhash`) when installed, else sha256; each record names its algorithm, so a
+directory written with one is still checked on a machine that only has the other (sha256 is always there; xxh3
+records need `xxhash`). The manifest's own checksum is unkeyed: it catches damage and edits by mistake, not a
+crafted directory, which is why nothing read from one is unpickled.
 
 Record of a file (relative path -> {"size": bytes, "xxh3_128" or "sha256": hex digest}).
 
@@ -196,3 +198,33 @@ def verify_files(directory: str | Path, files: dict[str, dict], remedy: str, che
     if big:
         stamp_verified(d, big, files)
     return hashed
+
+
+MANIFEST = "manifest.json"
+
+
+def seal_directory(directory: str | Path, kind: str, names: Iterable[str], **fields) -> dict:
+    """Write `directory/manifest.json`: `kind`, `fields`, and the size and checksum of each of `names`, sealed.
+    Call it last, once every listed file is complete; `verify_sealed` checks the directory against it."""
+    manifest = seal({"kind": kind, **fields, "files": record_files(directory, names)})
+    (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def verify_sealed(directory: str | Path, kind: str, remedy: str, checksums: Checksums = True) -> dict:
+    """Check a directory written with `seal_directory`: its manifest (present, readable, unedited, of `kind`),
+    then the size and checksum of every file it lists. A directory without a manifest is refused. IntegrityError
+    naming the file and `remedy` otherwise; returns the manifest."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise IntegrityError(path, f"missing, so the files of this {kind} cannot be checked and are not read", remedy)
+    try:
+        manifest = json.loads(path.read_text())
+        intact = isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) \
+            and manifest.get("kind") == kind and seal_intact(manifest) is not False
+    except ValueError:  # not JSON, or not UTF-8
+        intact = False
+    if not intact:
+        raise IntegrityError(path, "unreadable or edited", remedy)
+    verify_files(directory, manifest["files"], remedy, checksums)
+    return manifest

@@ -11,6 +11,7 @@ BM25: sum over query terms t of idf(t) * tf / (tf + k1 (1 - b + b |d| / avgdl)),
 """
 from __future__ import annotations
 
+import shlex
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,12 +28,12 @@ LEXICAL_DIR = "bm25"
 
 @dataclass
 class LexicalConfig:
-    k1: float = 1.2
-    b: float = 0.75
+    k1: float = 1.2  # BM25 term-frequency saturation
+    b: float = 0.75  # BM25 document-length normalisation
     method: str = "lucene"  # bm25s variant: lucene, robertson, atire, bm25l, bm25+
     stemmer: str | None = "english"  # a PyStemmer language, or None
     stopwords: str | None = "en"  # a bm25s stop-word list name, or None
-    with_title: bool = True
+    with_title: bool = True  # index "title\nchunk", as the embedder sees it
 
     def __post_init__(self):
         if self.k1 < 0 or not 0 <= self.b <= 1:
@@ -129,11 +130,11 @@ class LexicalIndex:
             man = read_manifest(out, kind="bm25")
         except IncompleteIndexError:
             raise IncompleteIndexError(f"{d} has no finished BM25 index: add one with `python -m retrieval lexical "
-                                       f"--index {d}` (or build with --retriever bm25 / hybrid)") from None
+                                       f"--index {shlex.quote(str(d))}` (or build with --retriever bm25 / hybrid)") from None
         db = db or ChunkDB(d / "chunks")
         if man["chunks"] != chunk_identity(db):
             raise IndexMismatchError(f"{out} indexes other chunks than {d / 'chunks'} (built before the chunk "
-                                     f"database changed); rebuild it with `python -m retrieval lexical --index {d} "
+                                     f"database changed); rebuild it with `python -m retrieval lexical --index {shlex.quote(str(d))} "
                                      f"--overwrite`")
         model = bm25s.BM25.load(str(out / "index"), mmap=True)
         return cls(out, man, model)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from pathlib import Path
 
-from .integrity import IntegrityError, record_files, seal, seal_intact
+from .integrity import MANIFEST, IntegrityError, record_files, seal, seal_intact
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 
 
 class RetrievalIndexError(RuntimeError):
@@ -81,8 +81,10 @@ def remedy(directory: str | Path, kind: str = "index", manifest: dict | None = N
     """What to run when a directory of `kind` is damaged."""
     if kind != "index":
         return f"delete {directory} and compute it again (it is recomputed when missing)"
-    corpus = (manifest or {}).get("corpus") or "CORPUS"
-    return (f"rebuild the index: python -m retrieval build --corpus {corpus} --out {directory} --overwrite "
+    corpus = (manifest or {}).get("corpus")
+    corpus = shlex.quote(str(corpus)) if corpus else "CORPUS"
+    return (f"rebuild the index: python -m retrieval build --corpus {corpus} --out {shlex.quote(str(directory))} "
+            f"--overwrite "
             f"(with the flags of the original build)")
 
 

@@ -17,8 +17,8 @@ import numpy as np
 class RerankConfig:
     model: str  # CrossEncoder id or path
     depth: int = 100  # first-stage candidates reranked per query (at least k)
-    batch_size: int = 32
-    max_length: int | None = 512
+    batch_size: int = 32  # query-chunk pairs scored together
+    max_length: int | None = 512  # tokens of a query-chunk pair; None: the model's own
 
     def __post_init__(self):
         if self.depth <= 0 or self.batch_size <= 0:

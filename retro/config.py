@@ -21,12 +21,12 @@ class RetroConfig:
     num_neighbours: int = 2  # K
     neighbour_length: int | None = None  # R; None -> 2 * chunk_size (chunk + its continuation)
     cca_layers: tuple[int, ...] | None = None
-    encoder_layers: int = 2
+    encoder_layers: int = 2  # separate: layers of the bidirectional neighbour encoder
     encoder_width: int | None = None  # None -> decoder width
     encoder_heads: int | None = None  # None -> decoder heads (or a divisor of encoder_width)
     cca_heads: int | None = None  # None -> decoder heads
-    encoder_mlp_ratio: int = 4
-    dropout: float = 0.0
+    encoder_mlp_ratio: int = 4  # separate: the encoder's MLP width over its model width
+    dropout: float = 0.0  # dropout in CCA and the neighbour encoder
     # How a CCA block starts; both keep the retro-fitted model exact at step 0.
     # "copy": value and output projections start as the identity, so the branch is a ready path from the neighbours'
     #   token embeddings into the residual stream, held shut by a zero gate that training opens (give the gates a

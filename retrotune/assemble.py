@@ -31,7 +31,10 @@ def build_model(config: RunConfig, base, retriever, with_peft: bool = True):
     if config.model == "gpt":
         return apply_peft(base, config.peft) if with_peft else base
     if config.init_from:
-        model = load_retro(Path(config.init_from) / "final" / "retro", base, chunk_size=retriever.chunk_size)
+        from retrotune.runs import verify_final
+
+        final = verify_final(config.init_from, "retro-fit run")
+        model = load_retro(final / "retro", base, chunk_size=retriever.chunk_size)
     else:
         fields = {"chunk_size": retriever.chunk_size, "num_neighbours": config.neighbours, **config.retro}
         model = retrofit(base, RetroConfig(**fields))

@@ -18,7 +18,7 @@ from pathlib import Path
 from retrotune import assemble, neighbours
 from retrotune.config import RunConfig
 from retrotune.evaluation import evaluate_with_controls
-from retrotune.runs import FINAL, train
+from retrotune.runs import train, verify_final
 from retrotune.tasks import get_task, task_split
 from retrotune.trainer import seed_everything
 
@@ -80,10 +80,7 @@ def load_trained(run_dir: Path, config_index: str | None = None, decoder: str | 
     from peft_methods import load_peft
     from retro.checkpoint import load_retro
 
-    final = Path(run_dir) / FINAL
-    if not (final / "run.json").is_file():
-        raise FileNotFoundError(f"{run_dir} holds no finished run (no {FINAL}/run.json); train it first or resume "
-                                f"it with the same train.py command")
+    final = verify_final(run_dir)
     summary = json.loads((final / "run.json").read_text())
     config = run_config(summary, config_index, decoder, task)
     base, tokenizer = assemble.build_backbone(config, device=device)
@@ -100,9 +97,10 @@ def load_trained(run_dir: Path, config_index: str | None = None, decoder: str | 
 
 def run_config(summary: dict, index: str | None = None, decoder: str | None = None, task: str | None = None,
                **data) -> RunConfig:
-    """A finished run's config with the given replacements (index, decoder, task, data fields)."""
+    """A finished run's config with the given replacements (index, decoder, task when given; each `data` field as
+    given, None included: validation_size=None scores every question)."""
     values = {**summary["config"], **{k: v for k, v in (("index", index), ("decoder", decoder), ("task", task)) if v}}
-    values["data"] = {**values.get("data", {}), **{k: v for k, v in data.items() if v is not None}}
+    values["data"] = {**values.get("data", {}), **data}
     return RunConfig(**values)
 
 

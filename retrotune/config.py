@@ -32,30 +32,30 @@ def _need(condition: bool, message: str) -> None:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 100
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    schedule: str = "linear"
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    eval_every: int = 50
-    save_every: int = 50
+    max_steps: int = 100  # optimiser steps of the run
+    batch_size: int = 4  # sequences or questions per step and process, before accumulation
+    grad_accum: int = 1  # micro-batches accumulated into one optimiser step
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
+    schedule: str = "linear"  # learning-rate decay after warm-up: linear | cosine | constant
+    warmup_steps: int = 0  # steps of linear warm-up from zero; below max_steps
+    max_grad_norm: float = 1.0  # gradient-norm clipping
+    eval_every: int = 50  # steps between validations (loss with true and shuffled neighbours)
+    save_every: int = 50  # steps between checkpoints (the trained state, optimiser, scheduler, RNG)
     early_stopping_patience: int | None = None  # evaluations without a better validation loss
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (bf16/fp16 need a GPU; auto takes bf16 there)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (decoder, CCA, encoder)
     # shard the model across the processes of `torchrun`/`accelerate launch` with FSDP2 instead of copying it whole
     # into each (data-parallel); checkpoints hold the same whole trained state either way
     fsdp: bool = False
-    seed: int = 0
+    seed: int = 0  # seeds the data order and the initialisation of new parameters
     # Learning-rate multipliers for RETRO's added layers, by group: gate (the CCA gates and null-slot scores),
     # cca_qk (content heads' query/key projections), induction (the induction path's token projections), cca (the
     # rest of CCA), encoder. The default opens the gates fast, lets content heads learn where to look at 10x the
     # rate, and moves what CCA starts as (the induction path and the copy path, `cca_init: copy`) slowly, so
     # training refines a path that already reads rather than scrambling it. No effect on other parameters.
     lr_scales: dict = field(default_factory=lambda: dict(RETRO_LR_SCALES))
-    deterministic: bool | None = None  # deterministic algorithms, seeded init; None: on CPU only (see README)
+    deterministic: bool | None = None  # deterministic algorithms, seeded init; None: on CPU only (docs/integrity.md)
 
     def __post_init__(self):
         for name in ("lr", "weight_decay", "max_grad_norm"):
@@ -85,16 +85,16 @@ class DataConfig:
     qa: str = "data/squad-demo"  # the task's data: a file, a folder of split files or a Hugging Face dataset id
     eval_qa: str | None = None  # a separate evaluation file; None: the source's eval_split, or a split by group
     train_split: str = "train"  # split names in a folder of split files or a hub dataset
-    eval_split: str = "validation"
+    eval_split: str = "validation"  # the evaluation split's name, as train_split
     train_size: int | None = None  # the data-scale axis: None = all training questions
     validation_groups: list[str] | None = None  # articles held out; None = a seeded share of them
-    validation_fraction: float = 0.25
+    validation_fraction: float = 0.25  # share of articles held out when validation_groups is None
     validation_size: int | None = 64  # validation questions (loss during training, EM/F1 at evaluation)
     validation_generate: int = 32  # of those, how many are answered for EM/F1 at each validation during training
     sequence_chunks: int = 4  # retrofit: corpus sequences of this many chunks
     self_neighbour_rate: float = 0.0  # retrofit: share of chunks given themselves + continuation as first neighbour
-    max_question_tokens: int = 64
-    max_answer_tokens: int = 16
+    max_question_tokens: int = 64  # questions are cut to this many tokens
+    max_answer_tokens: int = 16  # training answers are cut to this many tokens
 
     def __post_init__(self):
         _need(self.train_size is None or self.train_size >= 1, "data.train_size must be >= 1 or null (all)")
@@ -106,15 +106,15 @@ class DataConfig:
 
 @dataclass
 class RunConfig:
-    stage: str = "finetune"
-    model: str = "retro"
+    stage: str = "finetune"  # retrofit (RETRO's added layers on corpus text) | finetune (QA with a PEFT method)
+    model: str = "retro"  # retro (neighbours through cross-attention) | gpt (neighbour text in the prompt)
     task: str = "squad_open"  # retrotune.tasks: squad_open, nq_open, triviaqa, narrativeqa, qasper, quality, qmsum
-    decoder: str = "smollm2-135m"
-    embedder: str = "minilm"
-    index: str = "indexes/squad-demo"
+    decoder: str = "smollm2-135m"  # base decoder: an alias, a local folder or a Hugging Face model id
+    embedder: str = "minilm"  # sentence embedder of the index: an alias, a local folder or a model id
+    index: str = "indexes/squad-demo"  # the index folder neighbours are retrieved from
     retriever: str = "dense"  # dense, bm25 or hybrid (bm25 and hybrid need the index's bm25/)
     quantise: str | None = None  # nf4 | int8: the frozen base quantised through bitsandbytes (QLoRA; CUDA only)
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/default"  # checkpoints, metrics and final weights; rerunning resumes from it
     neighbours_cache: str | None = None  # where question neighbours are stored; default OUTPUT_DIR/neighbours
     init_from: str | None = None  # a retro-fit run's output folder, to fine-tune from its RETRO weights
     neighbours: int = 2  # K, the same for both models
@@ -123,8 +123,8 @@ class RunConfig:
     max_new_tokens: int | None = None  # generation length; None: the task's own
     eval_batch_size: int = 16  # questions answered together at evaluation
     prompt_budget: int = 384  # GPT baseline: tokens for neighbours + question
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # the train.* fields
+    data: DataConfig = field(default_factory=DataConfig)  # the data.* fields
 
     def __post_init__(self):
         if isinstance(self.train, dict):
@@ -226,20 +226,37 @@ def _parse_value(text: str):
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """`train.lr=3e-4 peft.r=16 model=gpt`: dotted keys into the nested mapping, values parsed as YAML."""
+    """`train.lr=3e-4 peft.r=16 model=gpt`: dotted keys into the nested mapping, values parsed as YAML.
+
+    `peft.method=NAME` naming another method than the file's starts that mapping afresh: the old method's fields
+    are dropped (they may not exist for the new one), and the new method's fields come from the other `peft.*`
+    overrides, in any order."""
     values = dict(values)
+    parsed = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=3e-4)")
         key, raw = item.split("=", 1)
-        target = values
         *parents, leaf = key.split(".")
-        for parent in parents:
-            existing = target.get(parent)
-            target[parent] = dict(existing) if isinstance(existing, dict) else {}
-            target = target[parent]
-        target[leaf] = _parse_value(raw)
+        parsed.append((parents, leaf, _parse_value(raw)))
+    for parents, leaf, value in parsed:
+        if parents and parents[-1] == "peft" and leaf == "method":
+            target = _nested(values, parents)
+            if target.get("method") != value:
+                target.clear()
+    for parents, leaf, value in parsed:
+        _nested(values, parents)[leaf] = value
     return values
+
+
+def _nested(values: dict, parents: list[str]) -> dict:
+    """The mapping at `parents` below `values`, copied on the way down (the caller's dicts stay as they were)."""
+    target = values
+    for parent in parents:
+        existing = target.get(parent)
+        target[parent] = dict(existing) if isinstance(existing, dict) else {}
+        target = target[parent]
+    return target
 
 
 def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:

@@ -31,15 +31,15 @@ ZERO_SHOT = ("gpt_closed_book", "gpt", "retro")
 
 @dataclass
 class ExperimentConfig:
-    output_dir: str = "runs/experiment"
+    output_dir: str = "runs/experiment"  # results.md, results.json, plots and one folder per cell
     run: dict = field(default_factory=dict)  # RunConfig fields every cell shares
     corpus: str | None = "data/squad-demo/passages.jsonl"  # built into run.index when that index is missing
-    zero_shot: list[str] = field(default_factory=lambda: list(ZERO_SHOT))
+    zero_shot: list[str] = field(default_factory=lambda: list(ZERO_SHOT))  # zero-shot rows to score
     retrofit: dict | None = None  # RunConfig overrides of a retro-fit stage that RETRO cells start from
-    models: list[str] = field(default_factory=lambda: ["gpt", "retro"])
-    peft: list[dict] = field(default_factory=lambda: [{"method": "lora"}])
+    models: list[str] = field(default_factory=lambda: ["gpt", "retro"])  # models axis of the grid
+    peft: list[dict] = field(default_factory=lambda: [{"method": "lora"}])  # PEFT entries: {method: lora, r: 8, ...}
     train_sizes: list[int | None] | None = None  # the data-scale axis; None: run.data.train_size alone
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0])  # one cell per seed
     # every row that reads neighbours is also scored with shuffled neighbours and with none (the retrieval gain)
     controls: list[str] = field(default_factory=lambda: list(CONTROLS))
     # merged into each PEFT entry of the RETRO cells, e.g. {train_retro: true}: whether RETRO's added layers

@@ -39,17 +39,18 @@ def _merge(*layers: dict) -> dict:
 
 @dataclass
 class GridConfig:
-    output_dir: str = "runs/paper"
+    output_dir: str = "runs/paper"  # paper_table.md and cells/
     run: dict = field(default_factory=dict)  # RunConfig fields every cell shares
     tasks: dict = field(default_factory=lambda: {t: {} for t in PAPER_TASKS})  # task -> its RunConfig fields
+    # base decoders, each {decoder: an alias, folder or model id, name: its label in the table}
     base_models: list = field(default_factory=lambda: [{"name": "smollm2-135m", "decoder": "smollm2-135m"}])
-    models: list = field(default_factory=lambda: ["gpt", "retro"])
+    models: list = field(default_factory=lambda: ["gpt", "retro"])  # gpt and/or retro
     # zero_shot, or a PEFT entry ({method: lora, r: 8, train: {lr: ...}}); `name` labels an entry in the table
     methods: list = field(default_factory=lambda: [ZERO_SHOT, {"method": "ptuning"}, {"method": "adapter"},
                                                    {"method": "lora"}, {"method": "loretta_rep"}])
     retrofit: dict | None = None  # RunConfig fields of the retro-fit each base model's RETRO starts from
     retro_peft: dict = field(default_factory=dict)  # merged into RETRO cells' PEFT entries, e.g. {train_retro: true}
-    seeds: list = field(default_factory=lambda: [0])
+    seeds: list = field(default_factory=lambda: [0])  # one cell per seed
     controls: list = field(default_factory=list)  # shuffled / none: also score every cell under these
 
     def __post_init__(self):
@@ -79,11 +80,15 @@ class GridConfig:
         for i, m in enumerate(self.methods):
             if m != ZERO_SHOT:
                 check_peft({k: v for k, v in m.items() if k != "name"}, f"methods[{i}]")
+        from retrotune.preflight import check_peft_fits
+
         for name in self.tasks:  # every cell's config is checked before anything runs
             for base in self.base_models:
                 for model in self.models:
                     for method in self.methods:
-                        cell_config(self, name, base, model, method, 0)
+                        config = cell_config(self, name, base, model, method, 0)
+                        if method != ZERO_SHOT:
+                            check_peft_fits(config, f"cell {cell_name(name, base, model, method)}: peft")
 
 
 def base_name(base: dict) -> str:
@@ -238,26 +243,10 @@ def plan_script(file: str, overrides: list[str], grid: GridConfig, gpus: int = 1
     """The grid as a bash script: a `--prepare` line, one `--cell` line per cell (each independent, marked with
     the GPUs it uses; with more than one it runs under torchrun), and a `--collect` line that writes the table from
     the finished cells. On one machine it runs as it is; on a cluster the cell lines go to a job array."""
-    import shlex
-    import sys
+    from retrotune.plan import shell_script
 
-    if not isinstance(gpus, int) or gpus < 1:
-        raise ConfigError(f"--gpus must be a positive number of GPUs per cell, got {gpus!r}")
-    command = f"\"$EVAL\" paper {shlex.join([file, *overrides])}"
-    launcher = "\"$PYTHON\"" if gpus == 1 else f"\"$PYTHON\" -m torch.distributed.run --nproc_per_node {gpus}"
     names = [cell_name(*cell) for cell in select(grid)]
-    return "\n".join([
-        "#!/usr/bin/env bash",
-        f"# Plan of {file}: {len(names)} cells, results in {grid.output_dir}. One machine: run this file as it is.",
-        "# A cluster: the prepare line once, then the cell lines in parallel, then the collect line.",
-        "set -euo pipefail",
-        f"PYTHON=\"${{PYTHON:-{sys.executable}}}\"",
-        f"EVAL=\"${{RETROTUNE_EVAL:-{Path(__file__).resolve().parents[1] / 'eval.py'}}}\"",
-        f"cd \"${{RETROTUNE_ROOT:-{Path.cwd().resolve()}}}\"",
-        f"\"$PYTHON\" {command} --prepare",
-        *[f"{launcher} {command} --cell {name}  # gpus={gpus}" for name in names],
-        f"\"$PYTHON\" {command} --collect",
-    ]) + "\n"
+    return shell_script("paper", file, overrides, names, grid.output_dir, gpus)
 
 
 def run_grid(grid: GridConfig, cells: list[str] | None = None, methods: list[str] | None = None,

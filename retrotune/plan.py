@@ -25,28 +25,43 @@ CELL_MARK = "--cell"
 def plan_script(file: str, overrides: list[str], exp: ExperimentConfig, gpus: int = 1,
                 python: str | None = None, root: str | Path | None = None) -> str:
     """The bash script of an experiment's plan (see the module docstring)."""
-    if not isinstance(gpus, int) or gpus < 1:
+    names = [cell[0] for cell in grid_cells(exp, None)]
+    return shell_script("experiment", file, overrides, names, exp.output_dir, gpus, python, root)
+
+
+def shell_script(subcommand: str, file: str, overrides: list[str], names: list[str], output_dir: str,
+                 gpus: int = 1, python: str | None = None, root: str | Path | None = None) -> str:
+    """A plan as bash: `eval.py SUBCOMMAND FILE OVERRIDES` with --prepare, then --cell NAME for each of `names`,
+    then --collect. Every value from the user (paths, overrides, cell names) is shell-quoted, and comments hold no
+    line break, so running the script runs only these commands whatever the names contain."""
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
         raise ConfigError(f"--gpus must be a positive number of GPUs per cell, got {gpus!r}")
     root = Path(root or Path.cwd()).resolve()  # paths in the experiment are relative to where it was planned
-    command = f"\"$EVAL\" experiment {shlex.join([file, *overrides])}"
-    names = [cell[0] for cell in grid_cells(exp, None)]
+    command = f"\"$EVAL\" {subcommand} {shlex.join([file, *overrides])}"
     launcher = "\"$PYTHON\"" if gpus == 1 else f"\"$PYTHON\" -m torch.distributed.run --nproc_per_node {gpus}"
-    cells = [f"{launcher} {command} {CELL_MARK} {name}  # gpus={gpus}" for name in names]
+    cells = [f"{launcher} {command} {CELL_MARK} {shlex.quote(name)}  # gpus={gpus}" for name in names]
     lines = [
         "#!/usr/bin/env bash",
-        f"# Plan of {file}{' ' + ' '.join(overrides) if overrides else ''}: {len(names)} cells, results in "
-        f"{exp.output_dir}.",
+        _comment(f"Plan of {shlex.join([file, *overrides])}: {len(names)} cells, results in {output_dir}."),
         "# One machine: run this file as it is. A cluster: run the --prepare line once, then the --cell lines in",
         "# parallel (each is independent and needs the GPUs its comment names), then the --collect line.",
         "set -euo pipefail",
-        f"PYTHON=\"${{PYTHON:-{sys.executable}}}\"",
-        f"EVAL=\"${{RETROTUNE_EVAL:-{Path(__file__).resolve().parents[1] / 'eval.py'}}}\"",
-        f"cd \"${{RETROTUNE_ROOT:-{root}}}\"",
+        f"DEFAULT_PYTHON={shlex.quote(python or sys.executable)}",
+        f"DEFAULT_EVAL={shlex.quote(str(Path(__file__).resolve().parents[1] / 'eval.py'))}",
+        f"DEFAULT_ROOT={shlex.quote(str(root))}",
+        "PYTHON=\"${PYTHON:-$DEFAULT_PYTHON}\"",
+        "EVAL=\"${RETROTUNE_EVAL:-$DEFAULT_EVAL}\"",
+        "cd \"${RETROTUNE_ROOT:-$DEFAULT_ROOT}\"",
         f"\"$PYTHON\" {command} --prepare",
         *cells,
         f"\"$PYTHON\" {command} --collect",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _comment(text: str) -> str:
+    """One comment line: control characters (a line break would end the comment) are shown escaped."""
+    return "# " + "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def prepare_plan(exp: ExperimentConfig) -> None:

@@ -7,6 +7,8 @@ anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import functools
+import shlex
 from pathlib import Path
 
 from retrotune.config import ConfigError, RunConfig
@@ -50,13 +52,88 @@ def check_peft(peft: dict, where: str = "peft") -> None:
         raise ConfigError(str(error)) from None
 
 
+def check_peft_fits(config: RunConfig, where: str = "peft") -> None:
+    """The run's PEFT method against its model, before the model exists: prefix_tuning on RETRO, RETRO-only targets
+    on the GPT baseline, 'retro_encoder' under joint CCA, bitfit on a decoder without biases (seen on the decoder
+    built on the meta device, without weights)."""
+    from peft_methods import check_fits, peft_config_from_dict
+    from peft_methods.hparams import split_peft_entry
+
+    method = peft_config_from_dict(split_peft_entry(config.peft, where)[0], where)  # valid: see check_peft
+    base = _meta_decoder(config.decoder) if method.method == "bitfit" else None
+    try:
+        check_fits(method, config.model == "retro", _retro_attention(config) != "joint", base)
+    except ValueError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def check_positive(value, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: must be a positive integer, got {value!r}; give 1 or more")
+
+
+def _retro_attention(config: RunConfig) -> str:
+    """RETRO's attention kind: the retro-fit run's (`init_from`) when there is one, else the run's `retro` field."""
+    import json
+
+    from retro.config import RetroConfig
+
+    saved = Path(config.init_from or "") / "final" / "retro" / "retro.json"
+    if config.init_from and saved.is_file():
+        try:
+            return json.loads(saved.read_text())["retro_config"].get("attention", RetroConfig.attention)
+        except (ValueError, KeyError, AttributeError):
+            pass  # a damaged file is reported by check_init_from
+    return config.retro.get("attention", RetroConfig.attention)
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_decoder(name: str):
+    from backbones.meta import meta_decoder
+
+    return meta_decoder(decoder_config(name))
+
+
+def decoder_config(name: str):
+    """The decoder's config without its weights; ConfigError naming the `decoder` field when it cannot be read (a
+    hub id that is not in the local cache, a folder without config.json)."""
+    from backbones.meta import decoder_config as read
+
+    try:
+        return read(name)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"decoder: {name!r} has no readable model config ({reason}); give a built-in alias, a local "
+                          f"model folder, or a Hugging Face id that is downloaded (HF_HUB_OFFLINE=1 reads only the "
+                          f"local cache)") from None
+
+
+def _hub_id(name: str) -> bool:
+    from backbones.resolve import DECODER_ALIASES
+
+    return name not in DECODER_ALIASES and not Path(name).expanduser().is_dir()
+
+
 def check_index(index: str, corpus_hint: str = "data/squad-demo/passages.jsonl") -> None:
     from retrieval.manifest import MANIFEST, read_manifest, verify_directory
 
     if not (Path(index) / MANIFEST).is_file() and not (Path(index).is_dir() and any(Path(index).iterdir())):
         raise FileNotFoundError(f"{index}: no index there (no {MANIFEST}); build it with: python -m retrieval build "
-                                f"--corpus {corpus_hint} --out {index}")
+                                f"--corpus {shlex.quote(corpus_hint)} --out {shlex.quote(str(index))}")
     verify_directory(index, read_manifest(index))
+
+
+def check_init_from(run_dir: str) -> None:
+    """A finished retro-fit run, intact (its sealed `final/`), holding RETRO weights."""
+    from retrotune.runs import verify_final
+
+    try:
+        final = verify_final(run_dir, "retro-fit run")
+    except FileNotFoundError as error:
+        raise ConfigError(f"init_from: {error}") from None
+    if not (final / "retro").is_dir():
+        raise ConfigError(f"init_from: {run_dir} holds no retro-fit run (no final/retro); give the output_dir of a "
+                          f"run trained with a retrofit config")
 
 
 def check_run(config: RunConfig, index: bool = True, data: bool = True) -> None:
@@ -64,13 +141,15 @@ def check_run(config: RunConfig, index: bool = True, data: bool = True) -> None:
     from backbones import check_quantise
 
     check_model_name(config.decoder, "decoder")
+    if _hub_id(config.decoder):
+        decoder_config(config.decoder)  # a hub id: its config is in the cache (or can be downloaded)
     check_model_name(config.embedder, "embedder")
     check_quantise(config.quantise)  # CUDA and bitsandbytes, before anything loads
     if config.stage == "finetune":
         check_peft(config.peft)
-    if config.init_from and not (Path(config.init_from) / "final" / "retro").is_dir():
-        raise ConfigError(f"init_from: {config.init_from} holds no finished retro-fit run (no final/retro); train "
-                          f"it first with a retrofit config, or fix the path")
+        check_peft_fits(config)
+    if config.init_from:
+        check_init_from(config.init_from)
     if data and config.stage == "finetune":
         from retrotune.cell import task_data
 

@@ -1,5 +1,8 @@
 """Stage 4, training: an assembled model + its training data -> trained weights in `output_dir/final/`
-({retro/, adapter/, run.json}) and metrics (metrics.jsonl, CSV, TensorBoard, a PNG).
+({retro/, adapter/, run.json, manifest.json}) and metrics (metrics.jsonl, CSV, TensorBoard, a PNG).
+
+`final/` is sealed like a checkpoint (the size and checksum of each file in `manifest.json`, written last) and
+checked with `verify_final` wherever a run is read back: evaluated, or used as `init_from`.
 
 Two stages of training: the retro-fit (RETRO's added layers on corpus sequences of the index, built here) and
 fine-tuning (the PEFT method on a task's records with neighbours, through the QA contract, loss on the answer).
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from retrieval.integrity import files_under, seal_directory, verify_sealed
 from retrotune.config import RunConfig
 from retrotune.controls import control_records, donors
 from retrotune.metrics import score_task
@@ -205,9 +209,22 @@ def _write_final(output_dir: Path, model, config: RunConfig, summary: dict, save
         else:
             save_retro(model, staging / "retro")
         (staging / "run.json").write_text(json.dumps(summary, indent=2, default=str))
+        seal_directory(staging, "run", files_under(staging))  # last
         target = output_dir / FINAL
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def verify_final(run_dir: str | Path, what: str = "run") -> Path:
+    """`run_dir/final/`, checked against its manifest (sizes and checksums); FileNotFoundError when the run has not
+    finished, IntegrityError naming the file when it is damaged or unsealed. Returns the folder."""
+    final = Path(run_dir) / FINAL
+    if not (final / "run.json").is_file():
+        raise FileNotFoundError(f"{run_dir} holds no finished {what} (no {FINAL}/run.json); train it first, or resume "
+                                f"it with the same train.py command")
+    verify_sealed(final, "run", f"delete {final} and rerun the run's train.py command: it writes {FINAL}/ again "
+                                f"from the last checkpoint")
+    return final

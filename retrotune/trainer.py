@@ -5,7 +5,10 @@ atomic checkpoints that resume onto the same loss curve, and metrics as JSONL, C
 A checkpoint holds only what is trained (the parameters with requires_grad), the optimiser, scheduler and RNG
 states, the loop position, the fully resolved run config and the hash of the index it was trained against, and
 `manifest.json` (written last) with the size and checksum of each of those files. Resuming checks them and falls
-back to the newest complete checkpoint when the latest one is damaged, saying so.
+back to the newest complete checkpoint when the latest one is damaged, saying so; a checkpoint without a manifest
+is refused. Nothing is unpickled: tensors are stored as safetensors and everything else as JSON (the optimiser,
+scheduler and RNG states as tensors plus a JSON outline, see `save_state`), so a crafted file in a run folder can
+fail to load but never runs code.
 
 Determinism: a run's new parameters (PEFT, RETRO layers) are initialised from its seed (`seed_everything`, called
 before the model is built), and with `train.deterministic` (the default on CPU) torch is restricted to
@@ -28,16 +31,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from retrieval.integrity import IntegrityError, record_files, seal, seal_intact, verify_files
+from retrieval.integrity import seal_directory, verify_sealed
 from retrotune import plots
 from retrotune.config import TrainConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
-CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "config.json", "state.json")
-CHECKPOINT_MANIFEST = "manifest.json"
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "config.json", "state.json")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -135,32 +138,79 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def verify_checkpoint(checkpoint: Path, checksums=True) -> None:
-    """Sizes and checksums of a checkpoint's files against its manifest (IntegrityError naming the file)."""
-    path = checkpoint / CHECKPOINT_MANIFEST
-    remedy = (f"this checkpoint is damaged; delete {checkpoint} and rerun the same command to resume from the one "
-              f"before it")
-    if not path.is_file():  # written before checkpoints had manifests: only loading can tell
-        return
+    """Sizes and checksums of a checkpoint's files against its manifest (IntegrityError naming the file); a
+    checkpoint without a manifest is refused, not trusted."""
+    remedy = (f"this checkpoint is damaged or was not written by this version; delete {checkpoint} and rerun the "
+              f"same command to resume from the one before it")
+    verify_sealed(checkpoint, "checkpoint", remedy, checksums)
+
+
+def save_state(state: dict, path: Path) -> None:
+    """Write nested training state (dicts, lists, tuples, numbers, strings, tensors, numpy arrays) as one
+    safetensors file: the tensors by position, the rest as a JSON outline in its metadata. `load_state` reads it
+    back without unpickling anything."""
+    tensors: dict[str, torch.Tensor] = {}
+    outline = _outline(state, tensors)
+    save_file(tensors, str(path), metadata={"outline": json.dumps(outline)})
+
+
+def load_state(path: Path) -> dict:
+    with safe_open(str(path), "pt") as handle:
+        outline = json.loads((handle.metadata() or {}).get("outline", "null"))
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     try:
-        manifest = json.loads(path.read_text())
-        intact = isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) \
-            and seal_intact(manifest) is not False
-    except ValueError:  # not JSON, or not UTF-8
-        intact = False
-    if not intact:
-        raise IntegrityError(path, "unreadable or edited", remedy)
-    verify_files(checkpoint, manifest["files"], remedy, checksums)
+        return _from_outline(outline, tensors)
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        raise CheckpointError(f"{path}: not a training state written by this version ({error!r})") from None
+
+
+def _outline(obj, tensors: dict) -> object:
+    """Each value tagged with its type ({"tensor": key}, {"dict": [[key, value], ...]}, ...), so that tuples,
+    integer keys and arrays come back as they were."""
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = obj.detach().contiguous().cpu()
+        return {"tensor": key}
+    if isinstance(obj, np.ndarray):
+        return {"ndarray": obj.tolist(), "dtype": obj.dtype.str}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {"dict": [[_outline(k, tensors), _outline(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {type(obj).__name__: [_outline(v, tensors) for v in obj]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a training state")
+
+
+def _from_outline(node, tensors: dict):
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return node
+    if isinstance(node, dict) and set(node) == {"ndarray", "dtype"} and np.dtype(node["dtype"]).kind in "biuf":
+        return np.asarray(node["ndarray"], dtype=np.dtype(node["dtype"]))
+    if not isinstance(node, dict) or len(node) != 1:
+        raise ValueError(f"unexpected entry {str(node)[:80]}")
+    (tag, value), = node.items()
+    if tag == "tensor":
+        return tensors[value]
+    if tag == "dict":
+        return {_from_outline(k, tensors): _from_outline(v, tensors) for k, v in value}
+    if tag in ("list", "tuple"):
+        items = [_from_outline(v, tensors) for v in value]
+        return tuple(items) if tag == "tuple" else items
+    raise ValueError(f"unknown entry {tag!r}")
 
 
 def load_checkpoint(checkpoint: Path) -> dict:
     """Every file of a checkpoint, checked and read (nothing is applied yet): {"trainable", "saved", "state"}."""
     verify_checkpoint(checkpoint)
     trainable = load_file(str(checkpoint / "trainable.safetensors"))
-    saved = torch.load(checkpoint / "optimizer.pt", weights_only=False)
+    saved = load_state(checkpoint / "optimizer.safetensors")
     state = json.loads((checkpoint / "state.json").read_text())
     config = json.loads((checkpoint / "config.json").read_text())
     if not isinstance(saved, dict) or not {"optimizer", "scheduler", "rng"} <= set(saved) or "step" not in state:
-        raise CheckpointError(f"{checkpoint}: optimizer.pt or state.json lacks the expected entries")
+        raise CheckpointError(f"{checkpoint}: optimizer.safetensors or state.json lacks the expected entries")
     return {"trainable": trainable, "saved": saved, "state": state, "config": config}
 
 
@@ -203,12 +253,11 @@ def _save_checkpoint(output_dir: Path, trainable: dict, optimizer_state: dict, s
     staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=output_dir))
     try:
         save_file(trainable, str(staging / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                    "sharded": sharded}, staging / "optimizer.pt")
+        save_state({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                    "sharded": sharded}, staging / "optimizer.safetensors")
         (staging / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
         (staging / "state.json").write_text(json.dumps(state, indent=2))
-        manifest = seal({"kind": "checkpoint", "step": state["step"], "files": record_files(staging, CHECKPOINT_FILES)})
-        (staging / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest, indent=2))  # last
+        seal_directory(staging, "checkpoint", CHECKPOINT_FILES, step=state["step"])  # last
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

@@ -37,6 +37,21 @@ def _text(value, where: str, name: str) -> str:
     return value
 
 
+def _list(value, where: str, name: str, item: type | None = None) -> list:
+    """A list field (a JSON array): a string or a mapping in its place is refused, not iterated letter by letter;
+    `item` checks each element's type too."""
+    if not isinstance(value, (list, tuple)):
+        raise QADataError(f"{where}: field {name!r} must be a list, got {type(value).__name__} {str(value)[:40]!r}")
+    for i, element in enumerate(value):
+        if item is not None and not isinstance(element, item):
+            raise QADataError(f"{where}: field {name!r}[{i}] must be a {_KINDS.get(item, item.__name__)}, got "
+                              f"{type(element).__name__}")
+    return list(value)
+
+
+_KINDS = {str: "string", dict: "mapping", list: "list"}
+
+
 def _unique(values: Iterable[str]) -> tuple[str, ...]:
     return tuple(OrderedDict((v.strip(), None) for v in values if isinstance(v, str) and v.strip()))
 
@@ -81,7 +96,7 @@ def read_nq_open(rows) -> list[QAExample]:
         answers = row.get("answer", row.get("answers"))
         if answers is None:
             raise QADataError(f"{where}: field 'answer' is missing; {schema}")
-        answers = _unique([answers] if isinstance(answers, str) else answers)
+        answers = _unique(_list(answers, where, "answer", str))
         if not answers:
             raise QADataError(f"{where}: field 'answer' is empty; give at least one gold answer")
         key = str(row.get("id", i))
@@ -91,7 +106,7 @@ def read_nq_open(rows) -> list[QAExample]:
 
 def _trivia_answers(answer: dict, where: str) -> tuple[str, ...]:
     value = answer.get("value", answer.get("Value"))
-    aliases = answer.get("aliases", answer.get("Aliases")) or []
+    aliases = _list(answer.get("aliases", answer.get("Aliases")) or [], where, "answer.aliases", str)
     answers = _unique([value, *aliases])
     if not answers:
         raise QADataError(f"{where}: field 'answer' has no 'value' or 'aliases'; a TriviaQA answer is "
@@ -141,7 +156,8 @@ def read_narrativeqa(rows) -> list[QAExample]:
         if not isinstance(document, dict) or "text" not in document:
             raise QADataError(f"{where}: field 'document' must be a mapping with 'text' (and 'id'); {schema}")
         text = question.get("text") if isinstance(question, dict) else question
-        answers = _unique(a.get("text") if isinstance(a, dict) else a for a in _need(row, "answers", where, schema))
+        answers = _unique(a.get("text") if isinstance(a, dict) else a
+                          for a in _list(_need(row, "answers", where, schema), where, "answers"))
         if not answers:
             raise QADataError(f"{where}: field 'answers' is empty; give at least one reference answer")
         doc = str(document.get("id") or _doc_id(document["text"]))
@@ -170,7 +186,8 @@ def _qasper_paper(key: str, paper: dict, where: str) -> list[QAExample]:
     if isinstance(full_text, dict):  # the Hugging Face layout: columns of sections
         sections = list(zip(full_text.get("section_name", []), full_text.get("paragraphs", [])))
     else:
-        sections = [(s.get("section_name"), s.get("paragraphs", [])) for s in full_text]
+        sections = [(s.get("section_name"), _list(s.get("paragraphs", []), where, "full_text.paragraphs", str))
+                    for s in _list(full_text, where, "full_text", dict)]
     parts = [paper.get("title") or "", paper.get("abstract") or ""]
     parts += [f"{name or ''}\n" + "\n".join(paragraphs) for name, paragraphs in sections]
     document = "\n\n".join(p for p in parts if p.strip())
@@ -179,14 +196,15 @@ def _qasper_paper(key: str, paper: dict, where: str) -> list[QAExample]:
         qas = [{"question": q, "question_id": qid, "answers": a}
                for q, qid, a in zip(qas.get("question", []), qas.get("question_id", []), qas.get("answers", []))]
     out = []
-    for j, qa in enumerate(qas):
+    for j, qa in enumerate(_list(qas, where, "qas", dict)):
         annotations = qa.get("answers") or []
         if isinstance(annotations, dict):  # HF: {answer: [...], annotation_id: [...], ...}
             annotations = [{"answer": a} for a in annotations.get("answer", [])]
         answers = _unique(qasper_answer(a.get("answer", a)) for a in annotations)
         if not answers:
             raise QADataError(f"{where}, question {j}: no annotated answer; every Qasper question needs one")
-        out.append(QAExample(id=str(qa.get("question_id", f"{key}-{j}")), question=qa["question"], answers=answers,
+        question = _text(_need(qa, "question", f"{where}, question {j}", schema), f"{where}, question {j}", "question")
+        out.append(QAExample(id=str(qa.get("question_id", f"{key}-{j}")), question=question, answers=answers,
                              group=key, document_id=key, document_title=paper.get("title") or "",
                              document=document))
     return out
@@ -258,14 +276,18 @@ def read_quality(rows) -> list[QAExample]:
     for where, row in rows:
         article = _text(_need(row, "article", where, schema), where, "article")
         doc = str(row.get("article_id") or _doc_id(article))
-        for j, q in enumerate(_need(row, "questions", where, schema)):
+        for j, q in enumerate(_list(_need(row, "questions", where, schema), where, "questions", dict)):
             here = f"{where}, question {j}"
-            options = tuple(_need(q, "options", here, schema))
+            options = tuple(_list(_need(q, "options", here, schema), here, "options", str))
+            if len(options) < 2:
+                raise QADataError(f"{here}: field 'options' holds {len(options)} option(s); a multiple-choice "
+                                  f"question needs 2 to {len(LETTERS)}")
             gold = q.get("gold_label")
             if gold is not None and not (isinstance(gold, int) and 1 <= gold <= len(options)):
                 raise QADataError(f"{here}: gold_label {gold!r} must be 1..{len(options)} (1-based, as released)")
             label = gold - 1 if gold is not None else None
-            out.append(QAExample(id=str(q.get("question_unique_id", f"{doc}-{j}")), question=q["question"],
+            question = _text(_need(q, "question", here, schema), here, "question")
+            out.append(QAExample(id=str(q.get("question_unique_id", f"{doc}-{j}")), question=question,
                                  answers=(options[label],) if label is not None else ("",), group=doc,
                                  document_id=doc, document_title=row.get("title") or "", document=article,
                                  options=options, label=label))
@@ -280,16 +302,17 @@ def read_qmsum(rows) -> list[QAExample]:
         return _scrolls_examples(rows, schema)
     out = []
     for i, (where, row) in enumerate(rows):
-        turns = _need(row, "meeting_transcripts", where, schema)
+        turns = _list(_need(row, "meeting_transcripts", where, schema), where, "meeting_transcripts", dict)
         document = "\n".join(f"{t.get('speaker', '')}: {t.get('content', '')}" for t in turns)
         meeting = str(row.get("meeting_id") or row.get("_file") or _doc_id(document))
-        queries = list(row.get("general_query_list") or []) + list(row.get("specific_query_list") or [])
+        queries = [q for name in ("general_query_list", "specific_query_list")
+                   for q in _list(row.get(name) or [], where, name, dict)]
         if not queries:
             raise QADataError(f"{where}: no general_query_list or specific_query_list; {schema}")
         for j, q in enumerate(queries):
             here = f"{where}, query {j}"
             answer = _text(_need(q, "answer", here, "each query has 'query' and 'answer'"), here, "answer")
-            out.append(QAExample(id=f"{meeting}-{j}", question=_need(q, "query", here, "each query has 'query' and "
-                                                                                          "'answer'"),
+            query = _text(_need(q, "query", here, "each query has 'query' and 'answer'"), here, "query")
+            out.append(QAExample(id=f"{meeting}-{j}", question=query,
                                  answers=(answer,), group=meeting, document_id=meeting, document=document))
     return out
