@@ -99,7 +99,7 @@ def open_retriever(args, need_tokenizer: bool = False, index: str | None = None,
     d, man = index_manifest(args, index)
     kind = kind or getattr(args, "retriever", None) or "dense"
     verify = True if getattr(args, "verify", False) else "auto"
-    verify_directory(d, man, verify)  # before seconds of model loading
+    verify_directory(d, man, verify, retriever=kind)  # before seconds of model loading
     embedder = None
     if kind != "bm25":
         embedder = load_encoder(getattr(args, "query_embedder", None) or args.embedder or
@@ -176,11 +176,15 @@ def cmd_search(args) -> int:
 
 def cmd_eval(args) -> int:
     from retrieval import evaluate_beir, evaluate_qa
+    from retrieval.evaluation import check_beir_folder
 
     if len(args.index) > 1 or len(args.retriever) > 1 or (args.beir and len(args.beir) > 1):
         return eval_table(args)
     args.index, args.retriever = args.index[0], args.retriever[0]
     args.beir = args.beir[0] if args.beir else None
+    if args.beir:
+        check_query_flags(args)
+        check_beir_folder(args.beir, args.split)  # before the index is opened and the query encoder loaded
     retriever = open_retriever(args)
     if args.beir:
         result = evaluate_beir(retriever, args.beir, split=args.split, k=args.k, chunk_depth=args.chunk_depth,
@@ -201,8 +205,8 @@ def cmd_eval(args) -> int:
 def eval_table(args) -> int:
     """Several BEIR datasets (each with its index) x several retrievers -> one table."""
     from retrieval import evaluate_beir
-
     from retrieval.errors import FlagError
+    from retrieval.evaluation import check_beir_folder
 
     if not args.beir:
         raise FlagError("--qa: several --index or --retriever values need --beir (one folder per index); with --qa "
@@ -211,6 +215,8 @@ def eval_table(args) -> int:
         raise FlagError(f"--index: {len(args.index)} values for {len(args.beir)} --beir folders; give one index per "
                         f"dataset, in the same order")
     check_query_flags(args)
+    for beir in args.beir:
+        check_beir_folder(beir, args.split)
     for index in args.index:  # every index's kind against the flags, before the first is searched
         index_manifest(args, index)
     rows = []

@@ -7,8 +7,8 @@
   build.json    the settings of a build in progress (a rerun with other settings is refused, not mixed)
   manifest.json written last and atomically; without it the directory is not an index. It records the size and
                 checksum of every other file (see integrity.py), checked when the index is opened.
-Beside the directory, `.NAME.lock` is held while a build runs: a second build of the same directory waits for it
-(`wait_for_lock`) or is refused with a message naming the running one.
+Beside the directory, `.NAME.lock` is held while a build runs and removed when it ends: a second build of the same
+directory waits for it (`wait_for_lock`) or is refused with a message naming the running one.
 
 Rerunning an interrupted build with the same settings resumes it: a finished chunk database and every embedded
 group of `batch_size * 4` chunks are reused (see embed.py), whatever the size of the corpus.
@@ -58,30 +58,54 @@ def lock_path(directory: str | Path) -> Path:
 @contextmanager
 def build_lock(directory: str | Path, wait: float = 0.0):
     """Hold the build lock of `directory` (a file beside it, so --overwrite can delete the directory). `wait`:
-    seconds to wait for another build to finish, negative = forever; then BuildLockedError."""
-    from filelock import FileLock, Timeout
-
+    seconds to wait for another build to finish, negative = forever; then BuildLockedError. The lock file is
+    removed when the build ends, failed or not (see `_acquire`)."""
     path = lock_path(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     owner = path.with_name(path.name + ".owner")
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=wait if wait >= 0 else -1)
-    except Timeout:
+    fd = _acquire(path, wait)
+    if fd is None:
         try:
             who = owner.read_text().strip()
         except OSError:
             who = "another process"
         raise BuildLockedError(f"{directory} is being built by {who} (lock {path}); wait for that build to finish "
                                f"(or pass --wait to wait for it), then rerun: a finished index is reported, an "
-                               f"interrupted one resumes") from None
+                               f"interrupted one resumes")
     try:
         owner.write_text(f"process {os.getpid()} on {os.uname().nodename} since "
                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
         yield
     finally:
         owner.unlink(missing_ok=True)
-        lock.release()
+        path.unlink(missing_ok=True)  # while still held: a waiter then finds its file gone and opens a new one
+        os.close(fd)  # releases the lock
+
+
+def _acquire(path: Path, wait: float) -> int | None:
+    """An open descriptor of `path` holding an exclusive flock, or None after `wait` seconds (< 0: no limit).
+    The holder deletes the file before it lets go, so a lock taken on a file that is no longer at `path` is
+    dropped and taken again on the new file: two builds never both hold a lock."""
+    import fcntl
+
+    deadline = None if wait < 0 else time.monotonic() + wait
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+            continue
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            return fd
+        os.close(fd)  # the previous holder removed this file as it finished: lock the one now at `path`
 
 
 @dataclass

@@ -13,6 +13,7 @@ A RETRO neighbour is a chunk followed by its continuation (the next chunk of the
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -34,17 +35,21 @@ class ChunkRecords:
     doc: np.ndarray  # (N,) int64
     pos: np.ndarray  # (N,) int32
     texts: list[str]
+    empty_documents: int = 0  # documents that are empty or only whitespace: they have no chunks
 
 
 def chunk_documents(docs: Sequence[Document], tokenizer, chunk_size: int, batch_size: int = 256,
                     progress: bool = True) -> ChunkRecords:
-    """Tokenise each document (no special tokens) and cut it into chunks of `chunk_size` tokens."""
+    """Tokenise each document (no special tokens) and cut it into chunks of `chunk_size` tokens. A document that is
+    empty or only whitespace gets no chunk (a chunk of blanks would be retrieved for nothing); their number is
+    reported on stderr and kept in `empty_documents`."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     rows, doc_ix, pos, texts = [], [], [], []
+    empty = [d.id for d in docs if not d.text.strip()]
     for start in tqdm(range(0, len(docs), batch_size), desc="chunking", unit="batch", disable=not progress):
         batch = docs[start:start + batch_size]
-        ids_list, spans_list = tokenize_with_spans(tokenizer, [d.text for d in batch])
+        ids_list, spans_list = tokenize_with_spans(tokenizer, [d.text if d.text.strip() else "" for d in batch])
         for j, (doc, ids, spans) in enumerate(zip(batch, ids_list, spans_list)):
             for c, lo in enumerate(range(0, len(ids), chunk_size)):
                 piece = ids[lo:lo + chunk_size]
@@ -66,7 +71,10 @@ def chunk_documents(docs: Sequence[Document], tokenizer, chunk_size: int, batch_
         raise CorpusError(f"none of the {len(docs)} documents produced a token: every text is empty or only "
                           f"whitespace (e.g. document {docs[0].id!r}); check the text field (--text-field) and the "
                           f"corpus file")
-    return ChunkRecords(np.stack(rows), np.asarray(doc_ix, np.int64), np.asarray(pos, np.int32), texts)
+    if empty:
+        print(f"chunking: {len(empty)} of {len(docs)} documents are empty or only whitespace and get no chunk "
+              f"(e.g. document {empty[0]!r})", file=sys.stderr)
+    return ChunkRecords(np.stack(rows), np.asarray(doc_ix, np.int64), np.asarray(pos, np.int32), texts, len(empty))
 
 
 def tokenize_with_spans(tokenizer, texts: list[str]):
@@ -96,6 +104,7 @@ def write_chunk_db(directory: str | Path, records: ChunkRecords, docs: Sequence[
         for doc in docs:
             f.write(json.dumps({"id": doc.id, "title": doc.title}, ensure_ascii=False) + "\n")
     write_json_atomic(d / "info.json", {**info, "num_chunks": int(len(records.tokens)), "num_documents": len(docs),
+                                        "empty_documents": records.empty_documents,
                                         "chunk_size": int(records.tokens.shape[1])})
 
 

@@ -43,16 +43,21 @@ class CorpusSpec:
             raise CorpusError("text_field is empty; name the field that holds each document's text")
 
 
+BEIR_HINT = ("a BEIR corpus.jsonl names its fields '_id', 'title' and 'text' (--id-field and --text-field do not "
+             "apply to it); fix the file, or read it as plain JSONL with --format jsonl and --id-field/--text-field")
+
+
 def _validated(records: Iterable[tuple[str, dict]], where: str, id_field: str | None, title_field: str | None,
-               text_field: str) -> Iterator[Document]:
-    """Turn (location, record) pairs into Documents, refusing missing fields and duplicate ids."""
+               text_field: str, beir: bool = False) -> Iterator[Document]:
+    """Turn (location, record) pairs into Documents, refusing missing fields and duplicate ids. `beir`: the
+    fields are BEIR's fixed ones, so a missing one is not fixed with a flag."""
     seen: dict[str, str] = {}
     for loc, rec in records:
         if not isinstance(rec, dict):
             raise CorpusError(f"{loc}: expected a JSON object, got {type(rec).__name__}")
         if text_field not in rec:
             raise CorpusError(f"{loc}: field {text_field!r} is missing (fields present: {sorted(rec)}); "
-                              f"pass --text-field to name the text field")
+                              + (BEIR_HINT if beir else "pass --text-field to name the text field"))
         text = rec[text_field]
         if not isinstance(text, str):
             raise CorpusError(f"{loc}: field {text_field!r} must be a string, got {type(text).__name__}")
@@ -60,7 +65,7 @@ def _validated(records: Iterable[tuple[str, dict]], where: str, id_field: str | 
             doc_id = loc
         elif id_field not in rec:
             raise CorpusError(f"{loc}: field {id_field!r} is missing (fields present: {sorted(rec)}); "
-                              f"pass --id-field to name the document id field")
+                              + (BEIR_HINT if beir else "pass --id-field to name the document id field"))
         else:
             doc_id = str(rec[id_field])
         if doc_id in seen:
@@ -101,17 +106,26 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                raise CorpusError(f"{path}:{lineno}: malformed JSON ({e.msg} at {json_column(line, e)}); "
                                   f"fix or remove this line") from None
             yield f"{path}:{lineno}", rec
 
 
+def json_column(line: str, error: json.JSONDecodeError) -> str:
+    """Where on its line a JSONL record stops parsing: "column N", or "the end of the line (column N)" when the
+    record is cut short (the parser then points past the newline, at a line that does not exist)."""
+    end = len(line.rstrip("\r\n"))
+    column = min(error.pos, end) + 1
+    return f"the end of the line (column {column})" if error.pos >= end else f"column {column}"
+
+
 def read_jsonl(path: str | Path, id_field: str | None = "id", title_field: str | None = "title",
-               text_field: str = "text") -> list[Document]:
+               text_field: str = "text", beir: bool = False) -> list[Document]:
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"{path}: no such file")
-    return _non_empty(list(_validated(jsonl_records(path), str(path), id_field, title_field, text_field)), path)
+    docs = _validated(jsonl_records(path), str(path), id_field, title_field, text_field, beir)
+    return _non_empty(list(docs), path)
 
 
 def read_beir(path: str | Path) -> list[Document]:
@@ -119,7 +133,7 @@ def read_beir(path: str | Path) -> list[Document]:
     path = Path(path)
     if path.is_dir():
         path = path / "corpus.jsonl"
-    return read_jsonl(path, id_field="_id", title_field="title", text_field="text")
+    return read_jsonl(path, id_field="_id", title_field="title", text_field="text", beir=True)
 
 
 def read_txt_folder(path: str | Path) -> list[Document]:

@@ -67,6 +67,23 @@ def documents_by_max(retriever: Retriever, texts: Sequence[str], chunk_depth: in
     return runs
 
 
+def check_beir_folder(beir_dir: str | Path, split: str = "test") -> Path:
+    """The qrels file of `split` in a BEIR folder, once the folder is known to hold queries.jsonl too (checked
+    before an index is opened or a model loaded)."""
+    d = Path(beir_dir)
+    layout = "a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/<split>.tsv"
+    if not d.is_dir():
+        raise CorpusError(f"{d}: no such BEIR folder; {layout}: give the folder of an unpacked BEIR dataset")
+    if not (d / "queries.jsonl").is_file():
+        raise CorpusError(f"{d}: no queries.jsonl; {layout}: give the folder of the whole unpacked dataset, or add "
+                          f"its queries.jsonl ({{\"_id\", \"text\"}} per line)")
+    qrels_path = d / "qrels" / f"{split}.tsv"
+    if not qrels_path.is_file():
+        raise CorpusError(f"{qrels_path}: no such qrels file; available splits: "
+                          f"{sorted(p.stem for p in (d / 'qrels').glob('*.tsv'))}; pick one with --split")
+    return qrels_path
+
+
 def evaluate_beir(retriever: Retriever, beir_dir: str | Path, split: str = "test", k: int = 100,
                   chunk_depth: int | None = None, limit: int | None = None, progress: bool = True) -> dict:
     """nDCG@10, R@k, RR@10 of the retriever on a BEIR folder's judged queries (those in qrels/<split>.tsv)."""
@@ -74,10 +91,7 @@ def evaluate_beir(retriever: Retriever, beir_dir: str | Path, split: str = "test
     from ir_measures import RR, R, nDCG
 
     d = Path(beir_dir)
-    qrels_path = d / "qrels" / f"{split}.tsv"
-    if not qrels_path.exists():
-        raise FileNotFoundError(f"{qrels_path}: no such qrels file; available splits: "
-                                f"{sorted(p.stem for p in (d / 'qrels').glob('*.tsv'))}")
+    qrels_path = check_beir_folder(d, split)
     qrels = read_qrels(qrels_path)
     queries = {str(r["_id"]): r["text"] for r in read_jsonl_records(d / "queries.jsonl", ("_id", "text"))}
     missing = [q for q in qrels if q not in queries]

@@ -20,10 +20,9 @@ from typing import Sequence
 import numpy as np
 
 from .chunks import ChunkDB
-from .manifest import FORMAT_VERSION, MANIFEST, IncompleteIndexError, IndexMismatchError, read_manifest, \
-    write_json_atomic
-
-LEXICAL_DIR = "bm25"
+from .integrity import files_under
+from .manifest import (FORMAT_VERSION, LEXICAL_DIR, MANIFEST, IncompleteIndexError, IndexMismatchError,
+                       lexical_command, read_manifest, write_manifest)
 
 
 @dataclass
@@ -103,8 +102,8 @@ def build_lexical(index_dir: str | Path, config: LexicalConfig | None = None, *,
     model.save(str(out / "index"))
     manifest = {"kind": "bm25", "format_version": FORMAT_VERSION, **settings,
                 "vocabulary": len(model.vocab_dict), "num_chunks": len(db)}
-    write_json_atomic(out / MANIFEST, manifest)
-    return manifest
+    # with the size and checksum of its files, so a damaged BM25 index is found and rebuilt on its own
+    return write_manifest(out, manifest, files_under(out, exclude=(MANIFEST,)))
 
 
 def has_lexical(index_dir: str | Path) -> bool:
@@ -134,8 +133,7 @@ class LexicalIndex:
         db = db or ChunkDB(d / "chunks")
         if man["chunks"] != chunk_identity(db):
             raise IndexMismatchError(f"{out} indexes other chunks than {d / 'chunks'} (built before the chunk "
-                                     f"database changed); rebuild it with `python -m retrieval lexical --index {shlex.quote(str(d))} "
-                                     f"--overwrite`")
+                                     f"database changed); rebuild it with `{lexical_command(d)}`")
         model = bm25s.BM25.load(str(out / "index"), mmap=True)
         return cls(out, man, model)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from .integrity import MANIFEST, IntegrityError, record_files, seal, seal_intact
 
 FORMAT_VERSION = 1
+LEXICAL_DIR = "bm25"  # the optional BM25 index inside an index directory (lexical.py)
 
 
 class RetrievalIndexError(RuntimeError):
@@ -77,19 +78,34 @@ def read_manifest(directory: str | Path, kind: str = "index") -> dict:
     return manifest
 
 
+def build_command(corpus: str | Path | None, out: str | Path) -> str:
+    """The `python -m retrieval build` command line for `corpus` (CORPUS when unknown) into `out`, shell-quoted."""
+    corpus = shlex.quote(str(corpus)) if corpus else "CORPUS"
+    return f"python -m retrieval build --corpus {corpus} --out {shlex.quote(str(out))}"
+
+
+def lexical_command(index_dir: str | Path) -> str:
+    """The command line that rebuilds the BM25 index (bm25/) of a finished index, shell-quoted."""
+    return f"python -m retrieval lexical --index {shlex.quote(str(index_dir))} --overwrite"
+
+
 def remedy(directory: str | Path, kind: str = "index", manifest: dict | None = None) -> str:
     """What to run when a directory of `kind` is damaged."""
+    if kind == "bm25":  # `directory` is the index's bm25/
+        return (f"rebuild the BM25 index: {lexical_command(Path(directory).parent)} (with the --k1, --b and "
+                f"--no-title of the original; dense search does not read it)")
     if kind != "index":
         return f"delete {directory} and compute it again (it is recomputed when missing)"
-    corpus = (manifest or {}).get("corpus")
-    corpus = shlex.quote(str(corpus)) if corpus else "CORPUS"
-    return (f"rebuild the index: python -m retrieval build --corpus {corpus} --out {shlex.quote(str(directory))} "
-            f"--overwrite "
+    return (f"rebuild the index: {build_command((manifest or {}).get('corpus'), directory)} --overwrite "
             f"(with the flags of the original build)")
 
 
-def verify_directory(directory: str | Path, manifest: dict, checksums="auto", kind: str = "index") -> None:
-    """Check every file the manifest lists (sizes always, checksums per `checksums`, see integrity.verify_files)."""
+def verify_directory(directory: str | Path, manifest: dict, checksums="auto", kind: str = "index",
+                     retriever: str | None = None) -> None:
+    """Check every file the manifest lists (sizes always, checksums per `checksums`, see integrity.verify_files).
+    For an index, `retriever` ("dense", "bm25", "hybrid"; None: all) says which parts are read: the BM25 index in
+    bm25/ is checked only for "bm25", "hybrid" and None, against its own manifest when that records its files, and
+    a damaged one names the command that rebuilds just it."""
     files = manifest.get("files")
     if files is None:
         import warnings
@@ -98,10 +114,19 @@ def verify_directory(directory: str | Path, manifest: dict, checksums="auto", ki
                       f"checks existed), so damaged files cannot be detected; {remedy(directory, kind, manifest)} "
                       f"to add them", stacklevel=2)
         return
-    try:
-        from .integrity import verify_files
+    from .integrity import verify_files
 
-        verify_files(directory, files, remedy(directory, kind, manifest), checksums)
+    lexical = {n for n in files if n.startswith(f"{LEXICAL_DIR}/")} if kind == "index" else set()
+    try:
+        verify_files(directory, files, remedy(directory, kind, manifest), checksums,
+                     only=[n for n in files if n not in lexical])
+        bm25 = Path(directory) / LEXICAL_DIR
+        if kind == "index" and retriever != "dense" and (lexical or (bm25 / MANIFEST).is_file()):
+            own = read_manifest(bm25, kind="bm25").get("files") if (bm25 / MANIFEST).is_file() else None
+            if own is not None:  # rewritten by `python -m retrieval lexical`, so newer than the index's record
+                verify_files(bm25, own, remedy(bm25, "bm25"), checksums)
+            elif lexical:
+                verify_files(directory, files, remedy(bm25, "bm25"), checksums, only=lexical)
     except IntegrityError as e:
         raise IndexCorruptError(str(e)) from None
 

@@ -120,7 +120,7 @@ class Retriever:
             raise ValueError(f"retriever {retriever!r} is unknown; choose one of {KINDS}")
         d = Path(directory)
         man = read_manifest(d)
-        verify_directory(d, man, verify)
+        verify_directory(d, man, verify, retriever=retriever)  # dense search does not read bm25/
         if chunk_size is not None and chunk_size != man["chunk_size"]:
             raise IndexMismatchError(f"{d} was built with chunk size {man['chunk_size']}, not {chunk_size}; use a "
                                      f"chunk size of {man['chunk_size']} or build another index")

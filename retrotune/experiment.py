@@ -22,6 +22,7 @@ from retrotune.cell import evaluate_run, task_data, train_run
 from retrotune.config import ConfigError, RunConfig, apply_overrides
 from retrotune.controls import CONTROLS
 from retrotune.evaluation import evaluate_with_controls
+from retrotune.preflight import check_experiment_peft
 from retrotune.runs import FINAL
 from retrotune.table import markdown_table
 from retrotune.tasks import get_task
@@ -59,6 +60,7 @@ class ExperimentConfig:
             if not isinstance(getattr(self, name), list) or not getattr(self, name):
                 raise ConfigError(f"{name} must be a non-empty list")
         RunConfig(**{**self.run, "stage": "finetune"})  # every shared field is checked before anything runs
+        check_experiment_peft(self)  # and each PEFT entry against each model, before any model loads
 
 
 def load_experiment(path: str, overrides: list[str] = ()) -> ExperimentConfig:

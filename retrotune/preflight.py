@@ -8,7 +8,6 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
-import shlex
 from pathlib import Path
 
 from retrotune.config import ConfigError, RunConfig
@@ -67,6 +66,20 @@ def check_peft_fits(config: RunConfig, where: str = "peft") -> None:
         raise ConfigError(f"{where}: {error}") from None
 
 
+def check_experiment_peft(exp) -> None:
+    """Every PEFT entry of an experiment (an `ExperimentConfig`) against every model of its grid, with the
+    experiment's `retro_peft` merged into the RETRO cells' entries as the grid does, before anything runs."""
+    for i, entry in enumerate(exp.peft):
+        if not isinstance(entry, dict) or "method" not in entry:
+            raise ConfigError(f"peft[{i}]: {entry!r} is not a PEFT entry; give a mapping such as "
+                              f"{{method: lora, r: 8}}")
+        for model in exp.models:
+            peft = {**entry, **exp.retro_peft} if model == "retro" else entry
+            where = f"peft[{i}] ({peft.get('method')!r} on model {model})"
+            check_peft(peft, where)
+            check_peft_fits(RunConfig(**{**exp.run, "stage": "finetune", "model": model, "peft": peft}), where)
+
+
 def check_positive(value, where: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{where}: must be a positive integer, got {value!r}; give 1 or more")
@@ -114,13 +127,14 @@ def _hub_id(name: str) -> bool:
     return name not in DECODER_ALIASES and not Path(name).expanduser().is_dir()
 
 
-def check_index(index: str, corpus_hint: str = "data/squad-demo/passages.jsonl") -> None:
-    from retrieval.manifest import MANIFEST, read_manifest, verify_directory
+def check_index(index: str, corpus_hint: str = "data/squad-demo/passages.jsonl", retriever: str | None = None) -> None:
+    """The index: finished, and the files `retriever` reads intact (None: every file)."""
+    from retrieval.manifest import MANIFEST, build_command, read_manifest, verify_directory
 
     if not (Path(index) / MANIFEST).is_file() and not (Path(index).is_dir() and any(Path(index).iterdir())):
-        raise FileNotFoundError(f"{index}: no index there (no {MANIFEST}); build it with: python -m retrieval build "
-                                f"--corpus {shlex.quote(corpus_hint)} --out {shlex.quote(str(index))}")
-    verify_directory(index, read_manifest(index))
+        raise FileNotFoundError(f"{index}: no index there (no {MANIFEST}); build it with: "
+                                f"{build_command(corpus_hint, index)}")
+    verify_directory(index, read_manifest(index), retriever=retriever)
 
 
 def check_init_from(run_dir: str) -> None:
@@ -158,4 +172,4 @@ def check_run(config: RunConfig, index: bool = True, data: bool = True) -> None:
         except ValueError as error:  # QADataError, or an empty split
             raise ConfigError(f"data.qa: {error}") from None
     if index:
-        check_index(config.index)
+        check_index(config.index, retriever=config.retriever)

@@ -10,6 +10,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from retrieval.corpus import json_column
+
 
 @dataclass(frozen=True)
 class QAExample:
@@ -66,7 +68,8 @@ def jsonl_rows(path: Path):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise QADataError(f"{where}: not valid JSON ({error.msg}); each line must be one JSON object") from None
+                raise QADataError(f"{where}: not valid JSON ({error.msg} at {json_column(line, error)}); each line "
+                                  f"must be one JSON object") from None
             if not isinstance(row, dict):
                 raise QADataError(f"{where}: a JSON {type(row).__name__}, not an object; each line must be one "
                                   f"JSON object")

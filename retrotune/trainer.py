@@ -7,8 +7,8 @@ states, the loop position, the fully resolved run config and the hash of the ind
 `manifest.json` (written last) with the size and checksum of each of those files. Resuming checks them and falls
 back to the newest complete checkpoint when the latest one is damaged, saying so; a checkpoint without a manifest
 is refused. Nothing is unpickled: tensors are stored as safetensors and everything else as JSON (the optimiser,
-scheduler and RNG states as tensors plus a JSON outline, see `save_state`), so a crafted file in a run folder can
-fail to load but never runs code.
+scheduler and RNG states as tensors plus a JSON outline, see checkpoint_state.py), so a crafted file in a run
+folder can fail to load but never runs code.
 
 Determinism: a run's new parameters (PEFT, RETRO layers) are initialised from its seed (`seed_everything`, called
 before the model is built), and with `train.deterministic` (the default on CPU) torch is restricted to
@@ -31,12 +31,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from retrieval.integrity import seal_directory, verify_sealed
 from retrotune import plots
+from retrotune.checkpoint_state import CheckpointError, load_state, rng_state, save_state, set_rng_state
 from retrotune.config import TrainConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -44,10 +44,6 @@ CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "config.js
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
-
-
-class CheckpointError(RuntimeError):
     pass
 
 
@@ -67,21 +63,6 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _whole(p: torch.Tensor) -> torch.Tensor:
     return p.full_tensor() if hasattr(p, "full_tensor") else p
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def deterministic_default() -> bool:
@@ -145,63 +126,6 @@ def verify_checkpoint(checkpoint: Path, checksums=True) -> None:
     verify_sealed(checkpoint, "checkpoint", remedy, checksums)
 
 
-def save_state(state: dict, path: Path) -> None:
-    """Write nested training state (dicts, lists, tuples, numbers, strings, tensors, numpy arrays) as one
-    safetensors file: the tensors by position, the rest as a JSON outline in its metadata. `load_state` reads it
-    back without unpickling anything."""
-    tensors: dict[str, torch.Tensor] = {}
-    outline = _outline(state, tensors)
-    save_file(tensors, str(path), metadata={"outline": json.dumps(outline)})
-
-
-def load_state(path: Path) -> dict:
-    with safe_open(str(path), "pt") as handle:
-        outline = json.loads((handle.metadata() or {}).get("outline", "null"))
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    try:
-        return _from_outline(outline, tensors)
-    except (KeyError, TypeError, ValueError, IndexError) as error:
-        raise CheckpointError(f"{path}: not a training state written by this version ({error!r})") from None
-
-
-def _outline(obj, tensors: dict) -> object:
-    """Each value tagged with its type ({"tensor": key}, {"dict": [[key, value], ...]}, ...), so that tuples,
-    integer keys and arrays come back as they were."""
-    if isinstance(obj, torch.Tensor):
-        key = str(len(tensors))
-        tensors[key] = obj.detach().contiguous().cpu()
-        return {"tensor": key}
-    if isinstance(obj, np.ndarray):
-        return {"ndarray": obj.tolist(), "dtype": obj.dtype.str}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, dict):
-        return {"dict": [[_outline(k, tensors), _outline(v, tensors)] for k, v in obj.items()]}
-    if isinstance(obj, (list, tuple)):
-        return {type(obj).__name__: [_outline(v, tensors) for v in obj]}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"cannot store a {type(obj).__name__} in a training state")
-
-
-def _from_outline(node, tensors: dict):
-    if node is None or isinstance(node, (bool, int, float, str)):
-        return node
-    if isinstance(node, dict) and set(node) == {"ndarray", "dtype"} and np.dtype(node["dtype"]).kind in "biuf":
-        return np.asarray(node["ndarray"], dtype=np.dtype(node["dtype"]))
-    if not isinstance(node, dict) or len(node) != 1:
-        raise ValueError(f"unexpected entry {str(node)[:80]}")
-    (tag, value), = node.items()
-    if tag == "tensor":
-        return tensors[value]
-    if tag == "dict":
-        return {_from_outline(k, tensors): _from_outline(v, tensors) for k, v in value}
-    if tag in ("list", "tuple"):
-        items = [_from_outline(v, tensors) for v in value]
-        return tuple(items) if tag == "tuple" else items
-    raise ValueError(f"unknown entry {tag!r}")
-
-
 def load_checkpoint(checkpoint: Path) -> dict:
     """Every file of a checkpoint, checked and read (nothing is applied yet): {"trainable", "saved", "state"}."""
     verify_checkpoint(checkpoint)
@@ -253,7 +177,7 @@ def _save_checkpoint(output_dir: Path, trainable: dict, optimizer_state: dict, s
     staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=output_dir))
     try:
         save_file(trainable, str(staging / "trainable.safetensors"))
-        save_state({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+        save_state({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state(),
                     "sharded": sharded}, staging / "optimizer.safetensors")
         (staging / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
         (staging / "state.json").write_text(json.dumps(state, indent=2))
@@ -481,7 +405,7 @@ def _fit(model: torch.nn.Module, train_set: Sequence, collate: Callable, loss_fn
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
     if checkpoint is not None:
-        _set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"])
 
     def epoch_loader(epoch: int):
         # The order of an epoch depends only on (seed, epoch), so a resumed run sees the same batches.

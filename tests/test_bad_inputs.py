@@ -1,5 +1,6 @@
 """Bad inputs, one case a line: each ends with one `error: <where>: <what>; <what to do>` line and exit status 2
 before any model, corpus or index is loaded, or is recovered from (a switched PEFT method, a quoted plan)."""
+import contextlib
 import json
 import os
 import subprocess
@@ -126,12 +127,18 @@ RETRIEVAL_CASES = [
     (["eval", "--index", "a", "b", "--beir", "only-one"], "--index: 2 values for 1 --beir folders"),
     (["eval", "--index", "no-such-index", "--qa", "q.jsonl", "--ks", "5", "0"], "--ks: must be 1 or more, got 0"),
     (["search", "--index", "no-such-index", "query"], "no-such-index: no manifest.json"),
+    (["eval", "--index", "no-such-index", "--beir", "beir-without-queries"],
+     "error: beir-without-queries: no queries.jsonl; a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/"),
+    (["eval", "--index", "no-such-index", "--beir", "no-such-folder"], "error: no-such-folder: no such BEIR folder"),
 ]
 
 
 @pytest.mark.parametrize("argv, message", RETRIEVAL_CASES, ids=[" ".join(c[0][:1] + c[0][-3:]) for c in RETRIEVAL_CASES])
 def test_retrieval_flags_refused_first(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "beir-without-queries" / "qrels").mkdir(parents=True)
+    (tmp_path / "beir-without-queries" / "corpus.jsonl").write_text('{"_id": "d1", "title": "", "text": "x"}\n')
+    (tmp_path / "beir-without-queries" / "qrels" / "test.tsv").write_text("q1\td1\t1\n")
     capsys.readouterr()
     err = one_error_line(capsys, retrieval_main(argv))
     assert message in err
@@ -245,7 +252,139 @@ def test_checkpoint_without_manifest_is_refused(tmp_path):
         verify_checkpoint(tmp_path / "checkpoint-3")
 
 
-def test_index_hint_is_shell_quoted(capsys, tmp_path):
+@pytest.mark.parametrize("entry", ["train", "open_index"])
+def test_build_hints_are_shell_quoted(capsys, tmp_path, entry):
+    from retrotune.config import RunConfig
+    from retrotune.neighbours import open_index
+
     index = tmp_path / "my index"
-    err = one_error_line(capsys, train.main([CONFIG, f"index={index}"]))
+    if entry == "train":
+        err = one_error_line(capsys, train.main([CONFIG, f"index={index}"]))
+    else:
+        with pytest.raises(FileNotFoundError) as error:
+            open_index(RunConfig(index=str(index)), tokenizer=None)
+        err = str(error.value)
     assert f"--out '{index}'" in err
+
+
+# ---- corpus and question files: a malformed line is named with its column, a BEIR file with BEIR's fields ----
+READ_CASES = [
+    ("corpus", "c.jsonl", '{"id": "a", "text": "x"\n',
+     "c.jsonl:1: malformed JSON (Expecting ',' delimiter at the end of the line (column 24))"),
+    ("corpus", "c.jsonl", '{"id": "a" "text": "x"}\n', "c.jsonl:1: malformed JSON (Expecting ',' delimiter at column 12)"),
+    ("qa", "q.jsonl", '{"question": "Who?", "answers": ["me"]\n',
+     "q.jsonl, line 1: not valid JSON (Expecting ',' delimiter at the end of the line (column 39))"),
+    ("beir", "b/corpus.jsonl", '{"id": "d1", "title": "", "text": "x"}\n',
+     "field '_id' is missing (fields present: ['id', 'text', 'title']); a BEIR corpus.jsonl names its fields '_id'"),
+]
+
+
+@pytest.mark.parametrize("reader, name, content, message", READ_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(READ_CASES)])
+def test_file_errors_name_the_place_and_the_remedy(tmp_path, reader, name, content, message):
+    from retrieval.corpus import CorpusError, read_beir, read_jsonl
+    from retrotune.qa import QADataError, load_qa
+
+    file = tmp_path / name
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(content)
+    read = {"corpus": lambda: read_jsonl(file), "qa": lambda: load_qa(str(file)),
+            "beir": lambda: read_beir(file.parent)}[reader]
+    with pytest.raises((CorpusError, QADataError)) as error:
+        read()
+    assert message in str(error.value)
+    assert "pass --id-field" not in str(error.value)  # a BEIR folder ignores --id-field
+
+
+# ---- chunking: documents of blanks get no chunk, and are counted ----
+class CharTokenizer:
+    """One token per character, whitespace included (as byte-level BPE tokenizers do)."""
+
+    def __call__(self, texts, add_special_tokens=False, return_offsets_mapping=False, verbose=False):
+        encoded = {"input_ids": [[ord(c) % 90 for c in text] for text in texts]}
+        if return_offsets_mapping:
+            encoded["offset_mapping"] = [[(i, i + 1) for i in range(len(text))] for text in texts]
+        return encoded
+
+
+@pytest.mark.parametrize("texts, chunked", [([" \n\t ", "real text", ""], [1]), (["  ", "\n", ""], None)],
+                         ids=["some-blank", "all-blank"])
+def test_blank_documents_get_no_chunk(capsys, texts, chunked):
+    from retrieval.chunks import chunk_documents
+    from retrieval.corpus import CorpusError, Document
+
+    docs = [Document(f"d{i}", "", text) for i, text in enumerate(texts)]
+    if chunked is None:
+        with pytest.raises(CorpusError, match="every text is empty or only whitespace"):
+            chunk_documents(docs, CharTokenizer(), 4, progress=False)
+        return
+    records = chunk_documents(docs, CharTokenizer(), 4, progress=False)
+    assert sorted(set(records.doc.tolist())) == chunked and records.empty_documents == 2
+    assert "2 of 3 documents are empty or only whitespace and get no chunk (e.g. document 'd0')" in capsys.readouterr().err
+
+
+# ---- index builds: the lock file beside the index goes when the build ends, however it ends ----
+@pytest.mark.parametrize("ending", ["finished", "failed"])
+def test_build_lock_file_is_removed(tmp_path, ending):
+    from retrieval.build import build_lock, lock_path
+
+    out = tmp_path / "index"
+    with pytest.raises(RuntimeError) if ending == "failed" else contextlib.nullcontext():
+        with build_lock(out):
+            assert lock_path(out).exists()
+            if ending == "failed":
+                raise RuntimeError("the build failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    with build_lock(out):  # and the next build takes the lock again
+        assert lock_path(out).exists()
+
+
+# ---- a damaged bm25/ blocks BM25 search only, and names the command that rebuilds just it ----
+def _index_with_bm25(directory: Path, recorded: str) -> Path:
+    """An index whose bm25/ files are recorded in the index manifest (`recorded="index"`, a build with --retriever
+    bm25) or in bm25/manifest.json (`"own"`, added by `python -m retrieval lexical`); bm25/ then loses a byte."""
+    from retrieval.manifest import FORMAT_VERSION, write_manifest
+
+    (directory / "bm25" / "index").mkdir(parents=True)
+    (directory / "index.faiss").write_bytes(b"vectors")
+    (directory / "bm25" / "index" / "scores.npy").write_bytes(b"bm25 scores")
+    names = ["index.faiss"]
+    if recorded == "own":
+        write_manifest(directory / "bm25", {"kind": "bm25", "format_version": FORMAT_VERSION}, ["index/scores.npy"])
+    else:
+        names.append("bm25/index/scores.npy")
+    write_manifest(directory, {"kind": "index", "format_version": FORMAT_VERSION, "factory": "Flat"}, names)
+    (directory / "bm25" / "index" / "scores.npy").write_bytes(b"bm25 score")
+    return directory
+
+
+@pytest.mark.parametrize("retriever, recorded", [("dense", "index"), ("dense", "own"), ("bm25", "index"),
+                                                 ("hybrid", "own")])
+def test_damaged_bm25_blocks_only_bm25(capsys, tmp_path, retriever, recorded):
+    from retrieval.manifest import read_manifest, verify_directory
+
+    index = _index_with_bm25(tmp_path / "idx", recorded)
+    if retriever == "dense":
+        verify_directory(index, read_manifest(index), True, retriever="dense")  # dense search goes on
+        return
+    err = one_error_line(capsys, retrieval_main(["search", "--index", str(index), "--retriever", retriever, "q"]))
+    assert f"{index / 'bm25'}" in err and f"python -m retrieval lexical --index {index} --overwrite" in err
+    assert "retrieval build" not in err
+
+
+# ---- eval.py experiment: every PEFT entry against every model of the grid, before anything loads ----
+EXPERIMENT_CASES = [
+    ("[{method: prefix_tuning}]", "peft[0] ('prefix_tuning' on model retro): prefix_tuning is not available on RETRO"),
+    ("[{method: lora}, {method: bitfit}]", "peft[1] ('bitfit' on model gpt): bitfit: the selected layers of"),
+    ("[{method: lora, targets: [attention, cca]}]", "peft[0] ('lora' on model gpt): target 'cca' needs a RETRO model"),
+]
+
+
+@pytest.mark.parametrize("peft, message", EXPERIMENT_CASES, ids=[c[0] for c in EXPERIMENT_CASES])
+def test_experiment_peft_entries_fit_every_model(capsys, tmp_path, peft, message):
+    file = tmp_path / "exp.yaml"
+    file.write_text(f"output_dir: {tmp_path / 'out'}\nmodels: [gpt, retro]\npeft: {peft}\n")
+    capsys.readouterr()
+    err = one_error_line(capsys, eval_cli.main(["experiment", str(file)]))
+    assert f"{file}: {message}" in err
+    assert not (tmp_path / "out").exists()
