@@ -27,16 +27,14 @@ from pathlib import Path
 def _experiment(args) -> int:
     from retrotune.experiment import load_experiment, run_experiment
     from retrotune.config import RunConfig
-    from retrotune.preflight import check_peft, check_run
+    from retrotune.preflight import check_run
 
     started = time.perf_counter()
     exp = load_experiment(args.file, args.overrides)
     check_run(RunConfig(**{**exp.run, "stage": "finetune"}), index=False)  # the experiment builds a missing index
-    for i, peft in enumerate(exp.peft):
-        check_peft(peft, f"peft[{i}]")
     if args.plan or args.prepare or args.cell:
         return _plan_step(args, exp)
-    results = run_experiment(exp, collect_only=args.collect)
+    results = run_experiment(exp, collect_only=args.collect, partial=args.partial)
     print(results["table"])
     print(f"\nfinished in {(time.perf_counter() - started) / 60:.1f} min; results in "
           f"{load_experiment(args.file, args.overrides).output_dir}/results.md")
@@ -66,7 +64,7 @@ def _plan_step(args, exp) -> int:
 
 
 def _zero_shot(args) -> int:
-    from retrotune.experiment import ExperimentConfig, markdown_table, zero_shot_rows
+    from retrotune.experiment import ExperimentConfig, markdown_table, with_intervals, zero_shot_rows
     from retrotune.config import load_config
     from retrotune.preflight import check_run
 
@@ -77,7 +75,7 @@ def _zero_shot(args) -> int:
     exp = ExperimentConfig(output_dir=str(out), run=run, corpus=None, zero_shot=args.models)
     retrofit_dir = Path(args.retro_weights) if args.retro_weights else None
     rows = zero_shot_rows(exp, out, retrofit_dir)
-    print(markdown_table(rows))
+    print(markdown_table(with_intervals(rows)))
     return 0
 
 
@@ -102,6 +100,12 @@ def _checkpoint(args) -> int:
         shutil.rmtree(out / part, ignore_errors=True)
     scores = evaluate_run(Path(args.run), out, controls=args.controls, index=args.index, decoder=args.decoder,
                           task=args.task, **data)
+    if scores.get("f1") is not None:  # 95% intervals over the questions scored
+        from retrotune.findings import aggregate
+        from retrotune.scores import read_evaluation
+
+        row = aggregate([{"model": Path(args.run).name, "method": "checkpoint", "questions": read_evaluation(out)}])[0]
+        scores.update({key: value for key, value in row.items() if key.endswith("_ci")})
     (out / "scores.json").write_text(json.dumps(scores, indent=2))
     print(json.dumps(scores, indent=2))
     source = args.qa or "the run's evaluation split"
@@ -153,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     step.add_argument("--cell", metavar="NAME", help="a plan's cell line: train and evaluate this cell only")
     step.add_argument("--collect", action="store_true", help="a plan's last line: the table from the finished "
                                                              "cells, training nothing")
+    step.add_argument("--partial", action="store_true", help="the table of the rows finished or recorded so far, "
+                                                             "naming the rest; trains and evaluates nothing")
     experiment.add_argument("--gpus", type=int, default=1, help="with --plan: GPUs (processes) per cell")
     experiment.set_defaults(handler=_experiment)
     zero = commands.add_parser("zero-shot", help="evaluate the untrained models of a run config")

@@ -124,9 +124,15 @@ def gpt_prompt(question: str, neighbour_texts: Sequence[str], tokenizer, budget:
     shared equally among the passages, each cut to its share from the end (a shorter passage passes on what it does
     not use). Passages cut to nothing are dropped. A question longer than the budget gets no passages.
     """
+    return gpt_prompt_fit(question, neighbour_texts, tokenizer, budget, prompt)[0]
+
+
+def gpt_prompt_fit(question: str, neighbour_texts: Sequence[str], tokenizer, budget: int,
+                   prompt: str | None = None) -> tuple[list[int], bool]:
+    """`gpt_prompt`, and whether any neighbour text was cut to fit the budget."""
     texts = [t for t in neighbour_texts if t and t.strip()]
     if not texts:
-        return format_question(question, tokenizer, prompt=prompt)
+        return format_question(question, tokenizer, prompt=prompt), False
     overhead = len(format_question(question, tokenizer, ["" for _ in texts], prompt))
     toks = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     room = budget - overhead
@@ -136,9 +142,9 @@ def gpt_prompt(question: str, neighbour_texts: Sequence[str], tokenizer, budget:
         ids = format_question(question, tokenizer, kept, prompt) if kept \
             else format_question(question, tokenizer, prompt=prompt)
         if len(ids) <= budget or not kept:
-            return ids
+            return ids, any(s < len(t) for t, s in zip(toks, shares))
         room -= len(ids) - budget
-    return format_question(question, tokenizer, prompt=prompt)
+    return format_question(question, tokenizer, prompt=prompt), True
 
 
 def _decode(tokenizer, tokens: torch.Tensor) -> list[str]:
@@ -219,11 +225,17 @@ class GPTQA:
             raise ValueError(f"GPTQA: num_neighbours must be >= 0 and budget >= 1, got {num_neighbours}, {budget}")
         self.model, self.tokenizer = model, tokenizer
         self.num_neighbours, self.budget = num_neighbours, budget
+        self.neighbours_cut = 0  # examples encoded so far whose neighbour text did not fit the budget whole
+
+    def _texts(self, example) -> list[str]:
+        return list(_field(example, "neighbour_texts") or [])[:self.num_neighbours]
 
     def encode_batch(self, examples, tokenizer=None) -> dict[str, torch.Tensor]:
         tok = tokenizer or self.tokenizer
-        prompts = [gpt_prompt(_field(ex, "question"), list(_field(ex, "neighbour_texts") or [])[:self.num_neighbours],
-                              tok, self.budget, _field(ex, "prompt")) for ex in examples]
+        fitted = [gpt_prompt_fit(_field(ex, "question"), self._texts(ex), tok, self.budget, _field(ex, "prompt"))
+                  for ex in examples]
+        prompts = [ids for ids, _ in fitted]
+        self.neighbours_cut += sum(cut for _, cut in fitted)
         answers = _answers(examples)
         return qa_layout(prompts, None if answers is None else [format_answer(a, tok) for a in answers], 1,
                          _pad_id(tok))

@@ -4,6 +4,8 @@ through. Also what a trained run depends on (its identity) and the check made wh
 """
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import torch
@@ -15,6 +17,13 @@ from retrotune.neighbours import retrieval_identity
 
 class RunMismatchError(ValueError):
     pass
+
+
+def evaluation_device() -> str | None:
+    """Where evaluation runs: this process's GPU when there is one (under torchrun, LOCAL_RANK's), else the CPU."""
+    if not torch.cuda.is_available():
+        return None
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
 
 
 def build_backbone(config: RunConfig, device: str | None = None, dtype: torch.dtype = torch.float32):

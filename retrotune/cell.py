@@ -108,7 +108,8 @@ def evaluate_run(run_dir: Path, out: Path | None = None, controls=(), index: str
                  decoder: str | None = None, task: str | None = None, **data) -> dict:
     """Stages 1, 2, 3 (from the saved weights) and 5 for a finished run: its scores on the evaluation split of
     its task (or `task` with `data` fields such as qa=...), with the neighbours of its index (or `index`)."""
-    qa, summary, retriever, note = load_trained(Path(run_dir), index, decoder, task=task)
+    qa, summary, retriever, note = load_trained(Path(run_dir), index, decoder, assemble.evaluation_device(),
+                                                task=task)
     config = run_config(summary, index, decoder, task, **data)
     spec = get_task(config.task)
     _, evaluation = task_data(config, with_train=False)
@@ -126,7 +127,7 @@ def evaluate_untrained(config: RunConfig, out: Path, controls=(), closed_book: b
     without neighbours."""
     task = get_task(config.task)
     _, evaluation = task_data(config, with_train=False)  # 1
-    base, tokenizer = assemble.build_backbone(config)
+    base, tokenizer = assemble.build_backbone(config, device=assemble.evaluation_device())
     retriever = neighbours.open_retrieval(config, task, tokenizer)  # 2
     records = neighbours.attach(config, task, retriever, evaluation, with_answers=False)
     if closed_book:

@@ -17,6 +17,7 @@ STAGES = ("retrofit", "finetune")
 MODELS = ("retro", "gpt")
 RETRIEVERS = ("dense", "bm25", "hybrid")
 SCHEDULES = ("linear", "cosine", "constant")
+STOPPING_METRICS = ("val_loss", "reading_gap")
 LR_GROUPS = ("gate", "cca_qk", "induction", "cca", "encoder")  # RetroModel.retro_parameter_groups()
 RETRO_LR_SCALES = {"gate": 50, "cca_qk": 10, "induction": 0.1, "cca": 0.1, "encoder": 0.1}
 
@@ -43,6 +44,10 @@ class TrainConfig:
     eval_every: int = 50  # steps between validations (loss with true and shuffled neighbours)
     save_every: int = 50  # steps between checkpoints (the trained state, optimiser, scheduler, RNG)
     early_stopping_patience: int | None = None  # evaluations without a better validation loss
+    # what early stopping watches: val_loss, or reading_gap (val_loss_shuffled - val_loss, which grows while a
+    # RETRO learns to read its neighbours); an evaluation counts as better only by more than min_delta
+    early_stopping_metric: str = "val_loss"
+    early_stopping_min_delta: float = 0.0  # how much better an evaluation must be to reset the patience
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (bf16/fp16 need a GPU; auto takes bf16 there)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (decoder, CCA, encoder)
     # shard the model across the processes of `torchrun`/`accelerate launch` with FSDP2 instead of copying it whole
@@ -58,7 +63,7 @@ class TrainConfig:
     deterministic: bool | None = None  # deterministic algorithms, seeded init; None: on CPU only (docs/integrity.md)
 
     def __post_init__(self):
-        for name in ("lr", "weight_decay", "max_grad_norm"):
+        for name in ("lr", "weight_decay", "max_grad_norm", "early_stopping_min_delta"):
             try:
                 setattr(self, name, float(getattr(self, name)))
             except (TypeError, ValueError):
@@ -68,6 +73,9 @@ class TrainConfig:
                   f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
         _need(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _need(self.schedule in SCHEDULES, f"train.schedule {self.schedule!r} is unknown; choose one of {SCHEDULES}")
+        _need(self.early_stopping_metric in STOPPING_METRICS,
+              f"train.early_stopping_metric {self.early_stopping_metric!r} is unknown; choose one of "
+              f"{STOPPING_METRICS}")
         _need(self.precision in ("auto", "fp32", "bf16", "fp16"),
               f"train.precision {self.precision!r} is unknown; choose auto, fp32, bf16 or fp16")
         _need(isinstance(self.lr_scales, dict), f"train.lr_scales must be a mapping such as {{gate: 100}}, "
@@ -91,14 +99,21 @@ class DataConfig:
     validation_fraction: float = 0.25  # share of articles held out when validation_groups is None
     validation_size: int | None = 64  # validation questions (loss during training, EM/F1 at evaluation)
     validation_generate: int = 32  # of those, how many are answered for EM/F1 at each validation during training
+    # of those, how many give the validation loss during training (spread evenly over them; None: all)
+    validation_loss_size: int | None = None
     sequence_chunks: int = 4  # retrofit: corpus sequences of this many chunks
     self_neighbour_rate: float = 0.0  # retrofit: share of chunks given themselves + continuation as first neighbour
+    # retrofit: documents of these groups (a title, or an id's part before '#') stay out of the training and
+    # validation sequences; they stay in the index as neighbours. An experiment fills it with its evaluation articles
+    exclude_groups: list[str] | None = None
     max_question_tokens: int = 64  # questions are cut to this many tokens
     max_answer_tokens: int = 16  # training answers are cut to this many tokens
 
     def __post_init__(self):
         _need(self.train_size is None or self.train_size >= 1, "data.train_size must be >= 1 or null (all)")
         _need(0 < self.validation_fraction < 1, "data.validation_fraction must be in (0, 1)")
+        _need(self.validation_loss_size is None or self.validation_loss_size >= 1,
+              "data.validation_loss_size must be >= 1 or null (all validation questions)")
         _need(self.sequence_chunks >= 1, "data.sequence_chunks must be >= 1")
         _need(isinstance(self.self_neighbour_rate, (int, float)) and 0 <= self.self_neighbour_rate <= 1,
               f"data.self_neighbour_rate must be a number in [0, 1], got {self.self_neighbour_rate!r}")
@@ -147,6 +162,10 @@ class RunConfig:
         from retrotune.tasks import TASKS
 
         _need(self.task in TASKS, f"task {self.task!r} is unknown; choose one of {sorted(TASKS)}")
+        _need(isinstance(self.prompt_budget, int) and self.prompt_budget >= self.data.max_question_tokens,
+              f"prompt_budget ({self.prompt_budget!r}) must be at least data.max_question_tokens "
+              f"({self.data.max_question_tokens}): a prompt no longer than a question leaves the GPT baseline no room "
+              f"for its neighbours; raise prompt_budget (the shipped configs use 384)")
         _need(self.max_new_tokens is None or (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1),
               f"max_new_tokens must be a positive integer or null (the task's own), got {self.max_new_tokens!r}")
 

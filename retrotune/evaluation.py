@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +42,17 @@ def evaluate_qa(qa, records: list[dict], batch_size: int = 8, max_new_tokens: in
     from retrieval import has_answer
 
     spec = get_task(task)
-    predictions, started = [], time.perf_counter()
+    # Batches of similar length waste little on padding: answer in order of prompt size, report in record order.
+    order = sorted(range(len(records)), key=lambda i: _prompt_size(records[i]))
+    answered, started = {}, time.perf_counter()
+    if hasattr(qa, "neighbours_cut"):
+        qa.neighbours_cut = 0
     for lo in tqdm(range(0, len(records), batch_size), desc=desc, unit="batch"):
-        chunk = [{key: value for key, value in r.items() if key != "answer"} for r in records[lo:lo + batch_size]]
-        predictions.extend(qa.generate(qa.encode_batch(chunk), max_new_tokens=max_new_tokens))
+        part = order[lo:lo + batch_size]
+        chunk = [{key: value for key, value in records[i].items() if key != "answer"} for i in part]
+        answered.update(zip(part, qa.generate(qa.encode_batch(chunk), max_new_tokens=max_new_tokens)))
     seconds = time.perf_counter() - started
+    predictions = [answered[i] for i in range(len(records))]
     generated = sum(len(qa.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in predictions)
     golds = [r["answers"] for r in records]
     rows = [{"id": r["id"], "question": r["question"], "prediction": p, "answers": r["answers"]}
@@ -74,9 +81,22 @@ def evaluate_qa(qa, records: list[dict], batch_size: int = 8, max_new_tokens: in
             row["answer_in_neighbours"] = hit
     scores["score"] = scores[spec.score]
     scores["n"] = len(records)
+    scores["seconds_per_question"] = seconds / len(records)
+    cut = getattr(qa, "neighbours_cut", None)
+    if cut is not None:
+        scores["neighbours_cut"] = cut
+        if cut:
+            warnings.warn(f"{desc}: {cut} of {len(records)} questions lost neighbour text to the prompt budget "
+                          f"(prompt_budget={qa.budget} tokens); raise prompt_budget to give them whole neighbours",
+                          stacklevel=2)
     # inference speed: answer tokens generated per second (prompt encoding and retrieval lookups included)
     scores["tokens_per_second"] = generated / seconds if seconds > 0 else None
     return scores, rows
+
+
+def _prompt_size(record: dict) -> int:
+    """A cheap stand-in for a record's prompt length in tokens: its characters."""
+    return len(record.get("prompt") or record["question"]) + sum(len(t) for t in record.get("neighbour_texts") or ())
 
 
 def evaluate_with_controls(qa, records: list[dict], out: Path, batch_size: int = 8, max_new_tokens: int = 16,

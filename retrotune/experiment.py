@@ -1,9 +1,14 @@
 """The side-by-side experiment: one YAML -> index, zero-shot rows, optional retro-fit, a grid of fine-tuning cells
 (models x PEFT methods x data scales x seeds), their evaluation, and the report.
 
-Output folder: `results.json`, `results.md` (rows: model and method, with zero-shot rows; columns: trainable
-parameters, training time, EM, F1, ...), `score_vs_parameters.png`, `learning_curves.png`, and one folder per
-cell. Finished cells and evaluations are read back, not recomputed, so an interrupted experiment resumes.
+Output folder: `results.json`, `results.md` and `results.csv` (the table: one row per model, method and data
+scale, seeds averaged, every score with its 95% interval over questions; the paired comparisons; the paper's
+findings),
+`score_vs_parameters.png`, `learning_curves.png`, `data_scale.png` (with several training-set sizes),
+`retrofit_reading.png` (with a retro-fit stage), `eval_questions.jsonl`, `report.html`, and one folder per cell.
+Finished cells and evaluations are read back, not recomputed, so an interrupted experiment resumes. With `record`
+set, each finished row's per-question scores are also kept there (a folder meant for version control), and a row
+found there is neither trained nor evaluated again: the tables and plots are rebuilt from the record alone.
 """
 from __future__ import annotations
 
@@ -11,20 +16,21 @@ import copy
 import dataclasses
 import itertools
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from retrotune import assemble, neighbours, plots
+from retrotune import assemble, findings, neighbours, plots, scores
 from retrotune.cell import evaluate_run, task_data, train_run
 from retrotune.config import ConfigError, RunConfig, apply_overrides
 from retrotune.controls import CONTROLS
-from retrotune.evaluation import evaluate_with_controls
+from retrotune.evaluation import evaluate_with_controls, write_jsonl
 from retrotune.preflight import check_experiment_peft
 from retrotune.runs import FINAL
-from retrotune.table import markdown_table
+from retrotune.table import comparisons_table, findings_list, markdown_table
 from retrotune.tasks import get_task
 
 ZERO_SHOT = ("gpt_closed_book", "gpt", "retro")
@@ -46,6 +52,11 @@ class ExperimentConfig:
     # merged into each PEFT entry of the RETRO cells, e.g. {train_retro: true}: whether RETRO's added layers
     # (CCA and neighbour encoder) also train during fine-tuning
     retro_peft: dict = field(default_factory=dict)
+    # a folder (under version control) for each finished row's per-question scores; rows found there are not
+    # recomputed, so a study is finished across several sittings and its tables rebuilt without retraining
+    record: str | None = None
+    # where the retro-fit stage runs (default OUTPUT_DIR/retrofit); experiments naming one folder share one retro-fit
+    retrofit_dir: str | None = None
 
     def __post_init__(self):
         unknown = sorted(set(self.zero_shot) - set(ZERO_SHOT))
@@ -59,6 +70,11 @@ class ExperimentConfig:
         for name in ("models", "peft", "train_sizes", "seeds"):
             if not isinstance(getattr(self, name), list) or not getattr(self, name):
                 raise ConfigError(f"{name} must be a non-empty list")
+        for entry in self.peft:
+            seeds = entry.get("seeds") if isinstance(entry, dict) else None
+            if seeds is not None and (not isinstance(seeds, list) or not seeds
+                                      or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+                raise ConfigError(f"peft entry {entry}: seeds must be a non-empty list of integers, e.g. [0, 1, 2]")
         RunConfig(**{**self.run, "stage": "finetune"})  # every shared field is checked before anything runs
         check_experiment_peft(self)  # and each PEFT entry against each model, before any model loads
 
@@ -121,7 +137,7 @@ def zero_shot_rows(exp: ExperimentConfig, out: Path, retrofit_dir: Path | None) 
     if needed:
         task = get_task(config.task)
         evaluation = task_data(config)[1]  # 1
-        base, tokenizer = assemble.build_backbone(config)
+        base, tokenizer = assemble.build_backbone(config, device=assemble.evaluation_device())
         retriever = neighbours.open_retrieval(config, task, tokenizer)  # 2
         validation = neighbours.attach(config, task, retriever, evaluation)
     for name in exp.zero_shot:
@@ -144,9 +160,28 @@ def zero_shot_rows(exp: ExperimentConfig, out: Path, retrofit_dir: Path | None) 
         scores = _cached(folder / "scores.json", compute)
         label = {"gpt_closed_book": "GPT (no retrieval)", "gpt": "GPT + neighbours in prompt",
                  "retro": "RETRO" + (" (retro-fitted)" if retrofit_dir else " (at initialisation)")}[name]
-        rows.append({"model": label, "method": "zero-shot", "trainable_parameters": 0, "train_seconds": 0.0,
-                     "train_size": 0, "seed": None, **scores})
+        rows.append({"name": f"zero-shot-{name}", "model": label, "method": "zero-shot", "trainable_parameters": 0,
+                     "train_seconds": 0.0, "train_size": 0, "seed": None, "eval_dir": str(folder), **scores})
     return rows
+
+
+def write_eval_questions(exp: ExperimentConfig, path: Path) -> None:
+    """The evaluation questions with the neighbour text each model reads, and the text the shuffled control reads:
+    what the per-question report shows beside every row's answers."""
+    from retrotune.controls import control_records
+    from retrotune.models import load_tokenizer
+
+    config = _run_config(exp)
+    task = get_task(config.task)
+    evaluation = task_data(config, with_train=False)[1]
+    retriever = neighbours.open_retrieval(config, task, load_tokenizer(config.decoder))
+    records = neighbours.attach(config, task, retriever, evaluation)
+    shuffled = control_records(records, "shuffled")
+    k = config.neighbours
+    write_jsonl(path, [{"id": str(r["id"]), "question": r["question"], "answers": list(r["answers"]),
+                        "group": r.get("group"), "neighbour_texts": list(r["neighbour_texts"][:k]),
+                        "shuffled_neighbour_texts": list(s["neighbour_texts"][:k])}
+                       for r, s in zip(records, shuffled)])
 
 
 def cell_hparams(exp: ExperimentConfig, entry: dict) -> tuple[dict, dict]:
@@ -170,25 +205,50 @@ def prepare(exp: ExperimentConfig) -> Path | None:
     ensure_index(exp)
     if exp.retrofit is None:
         return None
-    retrofit_dir = out / "retrofit"
+    retrofit_dir = retrofit_folder(exp)
     if not (retrofit_dir / FINAL / "run.json").is_file():
-        train_run(_run_config(exp, **{**exp.retrofit, "stage": "retrofit", "model": "retro",
-                                      "output_dir": str(retrofit_dir)}))
+        train_run(retrofit_config(exp, retrofit_dir))
     return retrofit_dir
 
 
+def retrofit_folder(exp: ExperimentConfig) -> Path:
+    return Path(exp.retrofit_dir) if exp.retrofit_dir else Path(exp.output_dir) / "retrofit"
+
+
+def retrofit_config(exp: ExperimentConfig, retrofit_dir: Path) -> RunConfig:
+    """The retro-fit stage's run. Its corpus sequences never come from the articles the experiment evaluates on
+    (they stay in the index, as neighbours): the retro-fit must not train on the text of the held-out questions."""
+    held = sorted({e.group for e in task_data(_run_config(exp), with_train=False)[1]})
+    data = {**(exp.retrofit.get("data") or {})}
+    data["exclude_groups"] = sorted(set(data.get("exclude_groups") or ()) | set(held))
+    return _run_config(exp, **{**exp.retrofit, "data": data, "stage": "retrofit", "model": "retro",
+                               "output_dir": str(retrofit_dir)})
+
+
 def grid_cells(exp: ExperimentConfig, retrofit_dir: Path | None):
-    """Every cell of the grid in table order: (name, model, peft entry, train size, seed, folder, RunConfig)."""
+    """Every cell of the grid: (name, model, peft entry, train size, seed, folder, RunConfig). A PEFT entry's own
+    `seeds` replace the experiment's (e.g. LoRA with three seeds, the other methods with one). Order: the first seed
+    of every cell before any second one, then by PEFT entry, training-set size and model, so GPT and RETRO under
+    one method finish side by side and an interrupted study already holds one seed of everything it reached."""
     out = Path(exp.output_dir)
-    for model, peft, size, seed in itertools.product(exp.models, exp.peft, exp.train_sizes, exp.seeds):
-        name = f"{model}-{peft['method']}-n{size or 'all'}-s{seed}"
-        peft = {**peft, **exp.retro_peft} if model == "retro" else peft
-        folder = out / "cells" / name
-        peft, train = cell_hparams(exp, peft)
-        config = _run_config(exp, model=model, peft=peft, output_dir=str(folder), data={"train_size": size},
-                             train={**train, "seed": seed},
-                             init_from=str(retrofit_dir) if model == "retro" and retrofit_dir else None)
-        yield name, model, peft, size, seed, folder, config
+    order = []
+    for (e, entry), (z, size), (m, model) in itertools.product(enumerate(exp.peft), enumerate(exp.train_sizes),
+                                                                 enumerate(exp.models)):
+        for rank, seed in enumerate(entry.get("seeds") or exp.seeds):
+            order.append(((rank, e, z, m), model, {k: v for k, v in entry.items() if k != "seeds"}, size, seed))
+    for _, model, entry, size, seed in sorted(order, key=lambda item: item[0]):
+        yield _cell(exp, out, retrofit_dir, model, entry, size, seed)
+
+
+def _cell(exp: ExperimentConfig, out: Path, retrofit_dir: Path | None, model: str, peft: dict, size, seed: int):
+    name = f"{model}-{peft['method']}-n{size or 'all'}-s{seed}"
+    peft = {**peft, **exp.retro_peft} if model == "retro" else peft
+    folder = out / "cells" / name
+    peft, train = cell_hparams(exp, peft)
+    config = _run_config(exp, model=model, peft=peft, output_dir=str(folder), data={"train_size": size},
+                         train={**train, "seed": seed},
+                         init_from=str(retrofit_dir) if model == "retro" and retrofit_dir else None)
+    return name, model, peft, size, seed, folder, config
 
 
 def cell_finished(folder: Path) -> bool:
@@ -205,33 +265,201 @@ def run_cell(exp: ExperimentConfig, name: str, folder: Path, config: RunConfig) 
                             lambda: evaluate_run(folder, folder / "eval", exp.controls))
 
 
-def run_experiment(exp: ExperimentConfig, collect_only: bool = False) -> dict:
+def run_experiment(exp: ExperimentConfig, collect_only: bool = False, partial: bool = False) -> dict:
     """Run (or resume) the whole experiment and write its report. `collect_only`: train nothing, only read the
-    finished cells into the table (the end of a plan, `retrotune.plan`); a missing cell is an error naming it."""
+    finished cells into the table (the end of a plan, `retrotune.plan`); a missing cell is an error naming it.
+    `partial`: read what is finished or recorded, evaluate nothing, and name the rows still missing."""
+    collect_only = collect_only or partial
     out = Path(exp.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    record = Path(exp.record) if exp.record else None
     started = time.perf_counter()
-    retrofit_dir = prepare(exp)
-    rows = zero_shot_rows(exp, out, retrofit_dir)
-    cells, missing = [], []
-    for name, model, peft, size, seed, folder, config in grid_cells(exp, retrofit_dir):
+    retrofit_dir = retrofit_folder(exp) if exp.retrofit is not None else None
+    cells = list(grid_cells(exp, retrofit_dir))
+    names = [f"zero-shot-{name}" for name in exp.zero_shot] + [cell[0] for cell in cells]
+    recorded = {name: scores.read_record(record / "rows" / f"{name}.json") for name in names
+                if record is not None and (record / "rows" / f"{name}.json").is_file()}
+    stages = {}  # this run's seconds by stage (a stage finished by an earlier run takes ~0 here)
+    if len(recorded) < len(names) and not collect_only:
+        clock = time.perf_counter()
+        ensure_index(exp)
+        stages["index"], clock = time.perf_counter() - clock, time.perf_counter()
+        prepare(exp)
+        stages["retro-fit"] = time.perf_counter() - clock
+        _record_retrofit(retrofit_dir, record)
+    rows, missing, trained = [], [], []
+    unrecorded = [name for name in exp.zero_shot if f"zero-shot-{name}" not in recorded]
+    if partial:
+        missing += [f"zero-shot-{name}" for name in unrecorded]
+    elif unrecorded:
+        clock = time.perf_counter()
+        fresh = {row["name"]: row for row in zero_shot_rows(exp, out, retrofit_dir)}
+        stages["zero-shot rows"] = time.perf_counter() - clock
+    for name in exp.zero_shot:
+        key = f"zero-shot-{name}"
+        if key in recorded:
+            rows.append(_recorded_row(recorded[key]))
+        elif not partial:
+            rows.append(_keep(fresh[key], record))
+    for index, (name, model, peft, size, seed, folder, config) in enumerate(cells, start=1):
+        if name in recorded:
+            rows.append(_recorded_row(recorded[name]))
+            _progress(index, len(cells), name, "recorded", started)
+            continue
         if collect_only and not cell_finished(folder):
             missing.append(name)
             continue
-        summary, scores = run_cell(exp, name, folder, config)
+        began = time.perf_counter()
+        summary, cell_scores = run_cell(exp, name, folder, config)
         label = {"gpt": "GPT + neighbours in prompt", "retro": "RETRO"}[model]
-        rows.append({"model": label, "method": peft["method"], "peft": peft,
-                     "train": {k: getattr(config.train, k) for k in ("lr", "warmup_steps", "max_steps", "batch_size")},
-                     "trainable_parameters": summary["trainable_parameters"]["trainable"],
-                     "train_seconds": summary["train_seconds"], "train_size": size, "seed": seed, **scores})
-        cells.append(folder)
-    if missing:
+        rows.append(_keep({"name": name, "model": label, "method": peft["method"], "peft": peft,
+                           "train": {k: getattr(config.train, k) for k in ("lr", "warmup_steps", "max_steps",
+                                                                           "batch_size")},
+                           "trainable_parameters": summary["trainable_parameters"]["trainable"],
+                           "train_seconds": summary["train_seconds"], "train_size": size, "seed": seed,
+                           "wall_seconds": _wall(folder, began), "eval_dir": str(folder / "eval"),
+                           **cell_scores}, record))
+        trained.append(folder)
+        stages[name] = time.perf_counter() - began
+        _progress(index, len(cells), name, f"F1 {cell_scores['f1']:.1f}, trained in "
+                  f"{summary['train_seconds'] / 60:.1f} min", started)
+    if missing and not partial:
         raise ConfigError(f"{len(missing)} cell(s) of {out} are not finished: {', '.join(missing)}; run their lines "
                           f"of the plan (eval.py experiment ... --cell NAME) first, or drop --collect to run them here")
-    results = {"rows": rows, "seconds": time.perf_counter() - started, "config": exp.__dict__}
+    if not (out / "eval_questions.jsonl").is_file() and len(recorded) < len(names) and not partial:
+        write_eval_questions(exp, out / "eval_questions.jsonl")
+    return write_results(exp, rows, out, trained, time.perf_counter() - started, missing, stages)
+
+
+def _wall(folder: Path, began: float) -> float:
+    """A cell's wall time, training and evaluation, kept beside it so a resumed study reports the first run's."""
+    file = folder / "wall_seconds.json"
+    if not file.is_file():
+        file.write_text(json.dumps(time.perf_counter() - began))
+    return json.loads(file.read_text())
+
+
+def _progress(index: int, total: int, name: str, what: str, started: float) -> None:
+    print(f"[cell {index}/{total}] {name}: {what} ({(time.perf_counter() - started) / 60:.1f} min so far)",
+          file=sys.stderr, flush=True)
+
+
+def _keep(row: dict, record: Path | None) -> dict:
+    """A freshly evaluated row with its per-question scores, kept in the record when there is one."""
+    row = {**row, "questions": scores.read_evaluation(Path(row["eval_dir"]))}
+    if record is not None:
+        scores.write_record(record / "rows" / f"{row['name']}.json",
+                            {k: v for k, v in row.items() if k not in ("questions", "eval_dir")}, row["questions"])
+    return row
+
+
+def _recorded_row(entry: tuple[dict, dict]) -> dict:
+    row, questions = entry
+    return {**row, "questions": questions}
+
+
+def _record_retrofit(retrofit_dir: Path | None, record: Path | None) -> None:
+    """The retro-fit's validation curve (loss with true, shuffled and no neighbours per evaluation) in the record."""
+    if retrofit_dir is None or record is None or not (retrofit_dir / "metrics.jsonl").is_file():
+        return
+    rows = [json.loads(line) for line in (retrofit_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    summary = json.loads((retrofit_dir / FINAL / "run.json").read_text())
+    record.mkdir(parents=True, exist_ok=True)
+    (record / "retrofit.json").write_text(json.dumps({
+        "steps": summary["steps"], "stopped_early": summary["stopped_early"], "train_seconds": summary["train_seconds"],
+        "validation": [r for r in rows if "val_loss" in r]}, indent=1) + "\n")
+
+
+def with_intervals(rows: list[dict]) -> list[dict]:
+    """Rows whose `eval_dir` holds their predictions -> the table's rows (seeds aggregated, 95% intervals)."""
+    return findings.aggregate([{**r, "questions": scores.read_evaluation(Path(r["eval_dir"]))} for r in rows])
+
+
+def write_results(exp: ExperimentConfig, rows: list[dict], out: Path, trained: list[Path], seconds: float,
+                  missing: list[str] = (), stages: dict | None = None) -> dict:
+    """The table, comparisons and findings (results.md, results.json), the plots and report.html; `missing`: rows
+    not run yet (a partial table), named under it; `stages`: this run's seconds by stage."""
+    from retrotune.report import write_report
+
+    # a zero-shot row's time is its answering, under every control
+    rows = [r if r.get("wall_seconds") is not None else {**r, "wall_seconds": _answering_seconds(r)} for r in rows]
+    table_rows = findings.aggregate(rows)
+    compared, verdicts = findings.comparisons(table_rows), findings.paper_findings(table_rows)
+    first_dir = {}
+    for row in rows:
+        first_dir.setdefault((row["model"], row["method"], row.get("train_size")), row.get("eval_dir"))
+    public = [{**{k: v for k, v in r.items() if k != "per_question"},
+               "eval_dir": _relative(first_dir.get((r["model"], r["method"], r["train_size"])), out),
+               "controls": _controls(r)}
+              for r in table_rows]
+    retrofit = Path(exp.record) / "retrofit.json" if exp.record else None
+    retrofit = json.loads(retrofit.read_text()) if retrofit is not None and retrofit.is_file() else None
+    # the whole study's time: the retro-fit, every row's answering and every cell's training and answering
+    total = (retrofit["train_seconds"] if retrofit else 0.0) + sum(r.get("wall_seconds") or 0.0 for r in rows)
+    results = {"rows": public, "comparisons": compared, "findings": verdicts, "seconds": seconds,
+               "train_seconds": sum(r.get("train_seconds") or 0.0 for r in rows), "wall_seconds": total,
+               "missing": list(missing), "stages": stages or {}, "config": dataclasses.asdict(exp)}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    table = markdown_table(rows)
-    (out / "results.md").write_text(table + "\n")
-    plots.score_vs_parameters(rows, out / "score_vs_parameters.png")
-    plots.learning_curves(cells, out / "learning_curves.png")
-    return {"table": table, **results}
+    table = markdown_table(table_rows)
+    parts = [table, "Paired comparisons (F1, per question):", comparisons_table(compared),
+             "The paper's findings:", findings_list(verdicts)]
+    fit = f" (the retro-fit: {retrofit['train_seconds'] / 60:.1f} min, {retrofit['steps']} steps)" if retrofit else ""
+    parts.insert(1, f"Wall time: {total / 60:.0f} min in all{fit}.")
+    if stages:
+        parts.insert(2, "This run by stage: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in stages.items()) +
+                     f"; {seconds / 60:.1f} min in all.")
+    if missing:
+        parts.insert(1, f"Not run yet ({len(missing)}): {', '.join(missing)}.")
+    text = "\n\n".join(parts)
+    (out / "results.md").write_text(text + "\n")
+    write_csv(table_rows, out / "results.csv")
+    plots.score_vs_parameters(table_rows, out / "score_vs_parameters.png")
+    plots.learning_curves(trained, out / "learning_curves.png")
+    if len({r["train_size"] for r in table_rows if r["method"] != "zero-shot"}) > 1:
+        plots.data_scale(table_rows, out / "data_scale.png")
+    if retrofit is not None:
+        plots.retrofit_reading(retrofit["validation"], out / "retrofit_reading.png")
+    if all(r.get("eval_dir") and Path(r["eval_dir"]).is_dir() for r in rows):
+        write_report(out)
+    return {"table": table, "text": text, **results}
+
+
+CSV_COLUMNS = ("model", "method", "train_size", "seeds", "n", "trainable_parameters", "train_seconds",
+               "wall_seconds", "seconds_per_question", "neighbours_cut", "answer_recall")
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """The table for a spreadsheet: one line per row, every score with its interval bounds and seed spread."""
+    import csv
+
+    scored = [key for key in dict.fromkeys(k for r in rows for k in r)
+              if key.split("_")[0] in ("em", "f1", "rouge", "retrieval") and not key.endswith(("_ci", "_sd"))]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*CSV_COLUMNS, *(f"{k}{s}" for k in scored for s in ("", "_low", "_high", "_sd"))])
+        for row in rows:
+            values = [";".join(map(str, row["seeds"])) if key == "seeds" else row.get(key) for key in CSV_COLUMNS]
+            for key in scored:
+                ci = row.get(f"{key}_ci") or [None, None]
+                values += [row.get(key), ci[0], ci[1], row.get(f"{key}_sd")]
+            writer.writerow(["" if v is None else v for v in values])
+
+
+def _controls(row: dict) -> dict:
+    """A table row's control scores in the layout of an evaluation's scores: {"shuffled": {"f1": .., "f1_ci": ..}}."""
+    return {c: {m + s: row[f"{m}_{c}{s}"] for m in scores.METRICS for s in ("", "_ci") if f"{m}_{c}{s}" in row}
+            for c in ("shuffled", "none")}
+
+
+def _answering_seconds(row: dict) -> float:
+    parts = (row, *(row.get("controls") or {}).values())
+    return sum((part.get("seconds_per_question") or 0.0) * (part.get("n") or 0) for part in parts)
+
+
+def _relative(path: str | None, out: Path) -> str | None:
+    if not path:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(out.resolve()))
+    except ValueError:
+        return str(path)

@@ -7,8 +7,8 @@
     run_grid(grid, methods=["zero_shot"])            # the zero-shot row, all tasks
 
 Output folder: `cells/<task>/<base>/<model>/<method>-s<seed>/` (final/, eval/), `retrofit/<base>/` (RETRO's
-retro-fit, one per base model, that RETRO cells start from), `neighbours/` (shared cache), `results.json`,
-`paper_table.md`.
+retro-fit, one per base model, that RETRO cells start from), `neighbours/` (shared cache), `results.json` (a row per
+cell and seed, its score with `score_ci`, the 95% interval over its `n` questions), `paper_table.md`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import yaml
 
 from retrotune.config import ConfigError, RunConfig, apply_overrides
 from retrotune.runs import FINAL
-from retrotune.table import paper_table
+from retrotune.table import paper_table, score_interval
 from retrotune.tasks import PAPER_TASKS, TASKS
 
 ZERO_SHOT = "zero_shot"
@@ -163,10 +163,35 @@ def retrofit(grid: GridConfig, base: dict) -> None:
     train_run(RunConfig(**values))
 
 
+def question_scores(eval_dir: Path, task: str) -> dict:
+    """The per-question values behind a cell's task score, in percent, from `eval_dir/true/predictions.jsonl`:
+    {"ids": [...], "statistic": "mean", "columns": {score: (Q,)}} for a score that is a mean over questions (EM,
+    F1, ROUGE-L; accuracy over the labelled questions), or {"statistic": "geometric_mean", "columns": {rouge_1,
+    rouge_2, rouge_l}} for QMSum's score, the geometric mean of the dataset's ROUGE means, not a per-question mean."""
+    score = TASKS[task].score
+    file = Path(eval_dir) / "true" / "predictions.jsonl"
+    lines = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    if score in ("accuracy", "accuracy_letter"):
+        pick = "chosen" if score == "accuracy" else "letter"
+        lines = [line for line in lines if line.get("label") is not None]
+        columns = {score: [100.0 * (line[pick] == line["label"]) for line in lines]}
+    else:
+        names = ("rouge_1", "rouge_2", "rouge_l") if score == "rouge_geo" else (score,)
+        missing = [name for name in names if any(name not in line for line in lines)]
+        if missing:
+            raise ValueError(f"{file}: questions lack {missing}; re-evaluate the cell (delete {file.parent.parent})")
+        columns = {name: [100.0 * float(line[name]) for line in lines] for name in names}
+    if not lines:
+        raise ValueError(f"{file}: no scored questions")
+    return {"ids": [str(line["id"]) for line in lines],
+            "statistic": "geometric_mean" if score == "rouge_geo" else "mean", "columns": columns}
+
+
 def run_cell(grid: GridConfig, task: str, base: dict, model: str, method, seed: int = 0,
              finished_only: bool = False) -> dict | None:
-    """One cell: zero-shot evaluation, or training (stages 1-4) then evaluation (5); a results row.
-    `finished_only`: the row of a cell that has run before, else None (nothing runs)."""
+    """One cell: zero-shot evaluation, or training (stages 1-4) then evaluation (5); a results row, with its
+    score's 95% interval over questions (`score_ci`), `n` and the per-question values (`questions`) that the table
+    aggregates over seeds. `finished_only`: the row of a cell that has run before, else None (nothing runs)."""
     from retrotune.cell import evaluate_run, evaluate_untrained, train_run
 
     config = cell_config(grid, task, base, model, method, seed)
@@ -186,9 +211,11 @@ def run_cell(grid: GridConfig, task: str, base: dict, model: str, method, seed: 
         scores = _cached(folder / "eval" / "scores.json", lambda: evaluate_run(folder, folder / "eval", grid.controls))
         cost = {"trainable_parameters": summary["trainable_parameters"]["trainable"],
                 "train_seconds": summary["train_seconds"]}
+    questions = question_scores(folder / "eval", task)
+    low, high, n = score_interval([questions])
     return {"cell": cell_name(task, base, model, method), "task": task, "base": base_name(base),
             "model": f"{LABELS[model]} ({base_name(base)})", "method": method_name(method), "seed": seed,
-            **cost, **scores}
+            **cost, **scores, "score_ci": [low, high], "n": n, "questions": questions}
 
 
 def task_order(grid: GridConfig) -> list[str]:
@@ -273,9 +300,15 @@ def run_grid(grid: GridConfig, cells: list[str] | None = None, methods: list[str
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     titles = {name: TASKS[name].title for name in grid.tasks}
     table = paper_table(rows, task_order(grid), titles)
-    results = {"rows": finished, "seconds": time.perf_counter() - started, "device": device,
-               "config": grid.__dict__}
+    whole = table if rows is finished else paper_table(finished, task_order(grid), titles)
+
+    def listed(row: dict) -> dict:  # the per-question values stay in each cell's eval/ folder
+        return {key: value for key, value in row.items() if key != "questions"}
+
+    results = {"rows": [listed(row) for row in finished], "seconds": time.perf_counter() - started,
+               "device": device, "config": grid.__dict__}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    (out / "paper_table.md").write_text(f"{paper_table(finished, task_order(grid), titles)}\n\ntrain hours on "
-                                        f"{device}; tokens/s: generated answer tokens per second at evaluation\n")
-    return {"table": table, **results, "rows": rows}
+    (out / "paper_table.md").write_text(f"{whole}\n\neach task: its score, mean over seeds, [95% bootstrap interval "
+                                        f"over its n evaluation questions]; train hours on {device}; tokens/s: "
+                                        f"generated answer tokens per second at evaluation\n")
+    return {"table": table, **results, "rows": [listed(row) for row in rows]}

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from retrotune.config import ConfigError
-from retrotune.experiment import ExperimentConfig, grid_cells, prepare, run_cell, zero_shot_rows
+from retrotune.experiment import ExperimentConfig, grid_cells, prepare, retrofit_folder, run_cell, zero_shot_rows
 
 CELL_MARK = "--cell"
 
@@ -94,7 +94,7 @@ def run_named_cell(exp: ExperimentConfig, name: str) -> dict | None:
     from retrotune.cell import train_run
     from retrotune.runs import FINAL
 
-    retrofit_dir = Path(exp.output_dir) / "retrofit" if exp.retrofit is not None else None
+    retrofit_dir = retrofit_folder(exp) if exp.retrofit is not None else None
     if retrofit_dir is not None and not (retrofit_dir / FINAL / "run.json").is_file():
         raise ConfigError(f"{retrofit_dir} holds no finished retro-fit; run the plan's --prepare line first")
     cells = {cell[0]: cell for cell in grid_cells(exp, retrofit_dir)}

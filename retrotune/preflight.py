@@ -43,10 +43,11 @@ def check_peft(peft: dict, where: str = "peft") -> None:
 
         from retrotune.config import TrainConfig
 
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
+        known = {f.name for f in dataclasses.fields(TrainConfig)} | {"warmup_ratio"}  # a share of max_steps
+        unknown = sorted(set(overrides) - known)
         if unknown:
             raise ConfigError(f"{where}.train: unknown field(s) {unknown}; it takes train settings such as lr, "
-                              f"warmup_steps, max_steps")
+                              f"warmup_steps (or warmup_ratio), max_steps")
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
@@ -74,7 +75,8 @@ def check_experiment_peft(exp) -> None:
             raise ConfigError(f"peft[{i}]: {entry!r} is not a PEFT entry; give a mapping such as "
                               f"{{method: lora, r: 8}}")
         for model in exp.models:
-            peft = {**entry, **exp.retro_peft} if model == "retro" else entry
+            method = {key: value for key, value in entry.items() if key != "seeds"}  # seeds are the grid's
+            peft = {**method, **exp.retro_peft} if model == "retro" else method
             where = f"peft[{i}] ({peft.get('method')!r} on model {model})"
             check_peft(peft, where)
             check_peft_fits(RunConfig(**{**exp.run, "stage": "finetune", "model": model, "peft": peft}), where)

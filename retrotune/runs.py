@@ -47,7 +47,7 @@ def make_loss(model_kind: str):
 # ---- retro-fit data: corpus sequences of whole chunks from one document, with their precomputed neighbours ----
 
 def corpus_sequences(retriever, sequence_chunks: int, k: int, validation_fraction: float, seed: int = 0,
-                     self_neighbour_rate: float = 0.0):
+                     self_neighbour_rate: float = 0.0, exclude_groups=()):
     """Cut every document into runs of up to `sequence_chunks` chunks; each chunk's neighbours come from other
     documents (RETRO's rule). Whole documents are held out for validation. Returns (train, validation) lists of
     {"tokens": (n*m,) with -1 padding, "neighbours": (n, K, R)}.
@@ -56,20 +56,27 @@ def corpus_sequences(retriever, sequence_chunks: int, k: int, validation_fractio
     duplicate of the document in the database would give. Neighbours from other documents of a small corpus carry
     topic but almost nothing the next chunk needs, so a retro-fit on them alone learns to ignore its neighbours;
     a neighbour that holds the continuation is what teaches CCA to read. The leak is explicit and seeded, and the
-    same share applies to the validation documents."""
+    same share applies to the validation documents.
+
+    `exclude_groups`: documents of these groups (title, or the id's part before '#') give no sequence at all, so an
+    evaluation's articles are never trained on; they stay in the database and may be neighbours."""
     db = retriever.db
     doc = np.asarray(db.doc)
+    excluded = {i for i, (doc_id, title) in enumerate(zip(db.doc_ids, db.titles))
+                if title in exclude_groups or str(doc_id).split("#")[0] in exclude_groups} if exclude_groups else set()
     neighbours = _chunk_neighbours(retriever, k)
     rng = np.random.default_rng(seed)
     if self_neighbour_rate > 0:
         chosen = np.flatnonzero(rng.random(len(doc)) < self_neighbour_rate)
         neighbours[chosen, 0] = db.neighbour_tokens(chosen)
-    documents = np.unique(doc)
+    documents = np.array([d for d in np.unique(doc) if d not in excluded])
     held = set(rng.choice(documents, size=max(1, round(validation_fraction * len(documents))), replace=False).tolist())
     train, validation = [], []
     starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])
     ends = np.r_[starts[1:], len(doc)]
     for start, end in zip(starts, ends):
+        if int(doc[start]) in excluded:
+            continue
         for lo in range(start, end, sequence_chunks):
             hi = min(end, lo + sequence_chunks)
             item = {"tokens": np.asarray(db.tokens[lo:hi], np.int64).reshape(-1), "neighbours": neighbours[lo:hi]}
@@ -129,6 +136,14 @@ def shuffled_sequences(items: list[dict]) -> list[dict]:
 
 # ---- training ----
 
+def _spread(items: list, limit: int | None) -> list:
+    """At most `limit` items taken evenly across the list, so every article of a validation split keeps a share."""
+    if limit is None or limit >= len(items):
+        return items
+    step = len(items) / limit
+    return [items[int(i * step)] for i in range(limit)]
+
+
 def train(config: RunConfig, model, tokenizer, retriever, identity: dict, qa=None, train_set=None, val_set=None,
           output_dir: Path | None = None) -> dict:
     """Train the model a cell assembled and write `output_dir/final/`; returns the summary stored in
@@ -146,7 +161,8 @@ def train(config: RunConfig, model, tokenizer, retriever, identity: dict, qa=Non
     if config.stage == "retrofit":
         train_set, val_set = corpus_sequences(retriever, config.data.sequence_chunks, config.neighbours,
                                               config.data.validation_fraction, config.train.seed,
-                                              config.data.self_neighbour_rate)
+                                              config.data.self_neighbour_rate,
+                                              set(config.data.exclude_groups or ()))
         collate = lambda items: collate_sequences(items, pad)  # noqa: E731
         val_batches = [collate(val_set[i:i + bs]) for i in range(0, len(val_set), bs)]
 
@@ -160,6 +176,7 @@ def train(config: RunConfig, model, tokenizer, retriever, identity: dict, qa=Non
                     "val_loss_base": mean_loss(m, val_batches, keys, drop_neighbours=True)}
     else:
         collate = qa.encode_batch
+        val_set = _spread(val_set, config.data.validation_loss_size)
         val_batches = [collate(val_set[i:i + bs]) for i in range(0, len(val_set), bs)]
         shuffled_set = control_records(val_set, "shuffled")
         shuffled_batches = [collate(shuffled_set[i:i + bs]) for i in range(0, len(shuffled_set), bs)]

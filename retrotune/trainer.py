@@ -324,6 +324,14 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def stopping_value(row: dict, metric: str) -> float:
+    """What early stopping watches, lower being better: the validation loss, or for `reading_gap` minus the gap
+    between the validation loss with shuffled and with true neighbours (a model that reads widens the gap)."""
+    if metric == "reading_gap":
+        return -(row["val_loss_shuffled"] - row["val_loss"])
+    return row["val_loss"]
+
+
 def fit(model: torch.nn.Module, train_set: Sequence, collate: Callable, loss_fn: Callable, config: TrainConfig,
         output_dir: str | Path, run_config: dict, validate: Callable | None = None, resume: bool = True,
         named_groups: dict[str, list] | None = None) -> FitResult:
@@ -450,8 +458,9 @@ def _fit(model: torch.nn.Module, train_set: Sequence, collate: Callable, loss_fn
                 model.eval()
                 row.update(validate(accelerator.unwrap_model(model)))
                 model.train()
-                if state["best_val_loss"] is None or row["val_loss"] < state["best_val_loss"]:
-                    state["best_val_loss"], state["bad_evals"] = row["val_loss"], 0
+                watched = stopping_value(row, config.early_stopping_metric)
+                if state["best_val_loss"] is None or watched < state["best_val_loss"] - config.early_stopping_min_delta:
+                    state["best_val_loss"], state["bad_evals"] = watched, 0
                 else:
                     state["bad_evals"] += 1
                 patience = config.early_stopping_patience

@@ -7,7 +7,7 @@ from retrotune.config import ConfigError, load_config
 from retrotune.experiment import load_experiment
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-EXPERIMENTS = {"demo.yaml", "experiment_gpu.yaml"}
+EXPERIMENTS = {"demo.yaml", "study.yaml", "study_scale.yaml", "experiment_gpu.yaml"}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -24,7 +24,8 @@ def test_shipped_config_loads(path):
     if path.name in EXPERIMENTS:
         experiment = load_experiment(str(path))
         assert experiment.models and experiment.peft
-        for peft in experiment.peft:
+        for entry in experiment.peft:
+            peft = {key: value for key, value in entry.items() if key != "seeds"}  # the grid's, not the method's
             fields, train = split_peft_entry(peft, where=str(path))
             peft_config_from_dict(fields, where=str(path))
             cell_hparams(experiment, peft)  # the cell's training settings resolve and validate

@@ -45,11 +45,15 @@ def test_shuffled_sequences_keep_their_own_chunk_count():
         assert (moved["tokens"] == item["tokens"]).all()
 
 
-def test_table_shows_controls_and_gain():
+def test_table_shows_controls_gain_and_intervals():
     from retrotune.experiment import markdown_table
 
-    row = {"model": "RETRO", "method": "lora", "train_size": 10, "trainable_parameters": 5, "train_seconds": 60,
-           "em": 10.0, "f1": 30.0, "rouge_l": 31.0, "answer_recall": 70.0, "retrieval_gain_f1": 12.5,
-           "controls": {"shuffled": {"f1": 17.5}, "none": {"f1": 15.0}}}
+    row = {"model": "RETRO", "method": "lora", "train_size": 10, "seeds": [0, 1], "n": 400,
+           "trainable_parameters": 5, "train_seconds": 60, "seconds_per_question": 0.25,
+           "em": 10.0, "em_ci": [7.0, 13.0], "f1": 30.0, "f1_ci": [26.0, 34.0], "f1_sd": 1.5, "rouge_l": 31.0,
+           "answer_recall": 70.0, "f1_shuffled": 17.5, "f1_none": 15.0, "retrieval_gain_f1": 12.5,
+           "retrieval_gain_f1_ci": [9.0, 16.0]}
     line = markdown_table([row]).splitlines()[-1]
-    assert line.endswith("| 70.0 | 17.5 | 15.0 | +12.5 |")
+    assert line.startswith("| RETRO | lora | 10 | 2 | 400 | 5 | 1.0 min | - | 0.25 | 10.0 [7.0, 13.0]")
+    assert "| 30.0 [26.0, 34.0] ±1.5 |" in line  # two seeds: the spread across them
+    assert line.endswith("| 70.0 | 17.5 | 15.0 | +12.5 [+9.0, +16.0] |")

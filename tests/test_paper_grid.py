@@ -1,6 +1,8 @@
 """The paper's grid in full shape on the fixtures: six tasks x {GPT, RETRO} x {zero-shot, P-tuning, adapter, LoRA,
-LoRETTA}, one training step a cell, tiny random decoders, the paper-layout table; and cells run by name."""
+LoRETTA}, one training step a cell, tiny random decoders, the paper-layout table with its intervals; and cells run
+by name."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -53,21 +55,31 @@ def test_the_full_grid_writes_the_paper_table(grid_file):
     results = run_grid(grid)
     assert len(results["rows"]) == 6 * 2 * 5  # tasks x models x methods, one base model, one seed
     lines = results["table"].splitlines()
-    assert lines[0] == ("| model | method | NQ | TriviaQA | NarrativeQA | Qasper | QuALITY | QMSum | Average | "
-                        "trainable params | train hours | tokens/s |")
+    header = re.fullmatch(r"\| model \| method \| NQ \(n=(\d+)\) \| TriviaQA \(n=(\d+)\) \| NarrativeQA \(n=(\d+)\) \| "
+                          r"Qasper \(n=(\d+)\) \| QuALITY \(n=(\d+)\) \| QMSum \(n=(\d+)\) \| Average \| "
+                          r"trainable params \| train hours \| tokens/s \|", lines[0])
+    assert header, lines[0]  # every task's rows share their questions: n once, in the header
+    sizes = dict(zip(("nq_open", "triviaqa", "narrativeqa", "qasper", "quality", "qmsum"), map(int, header.groups())))
     body = [line.split(" | ") for line in lines[2:]]
     assert [(row[0], row[1]) for row in body] == [(f"| {model} (tiny)", method) for model in ("GPT", "RETRO")
                                                   for method in ("zero_shot", "ptuning", "adapter", "lora",
                                                                  "loretta_rep")]
     for row in body:
-        scores = [float(value) for value in row[2:9]]  # six tasks and their average: every cell has a number
+        cells = [re.fullmatch(r"(\d+\.\d) \[(\d+\.\d), (\d+\.\d)\]", value) for value in row[2:8]]
+        assert all(cells), row  # every task cell: its score and 95% interval
+        scores = [float(c.group(1)) for c in cells] + [float(row[8])]  # six tasks and their average
         assert all(0 <= s <= 100 for s in scores)
+        assert all(float(c.group(2)) <= float(c.group(1)) <= float(c.group(3)) for c in cells)
         assert scores[6] == pytest.approx(sum(scores[:6]) / 6, abs=0.06)
         params = int(row[9].replace(",", ""))
         assert (params == 0) == (row[1] == "zero_shot")
     out = Path(grid.output_dir)
     assert (out / "paper_table.md").read_text().startswith(lines[0])
     by_cell = {row["cell"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
+    for row in by_cell.values():
+        low, high = row["score_ci"]
+        assert low - 1e-9 <= row["score"] <= high + 1e-9 and row["n"] == sizes[row["task"]]
+        assert "questions" not in row  # per-question values stay in the cells' eval/ folders
     quality = by_cell["quality/tiny/retro/lora"]
     assert {"accuracy", "accuracy_letter"} <= set(quality) and quality["score"] == quality["accuracy"]
     qmsum = by_cell["qmsum/tiny/gpt/zero_shot"]
@@ -136,3 +148,37 @@ def test_the_plan_runs_as_a_shell_script_and_collects_the_table(grid_file, tmp_p
     rows = [line for line in table.splitlines() if line.startswith("| GPT") or line.startswith("| RETRO")]
     assert len(rows) == 4 and all(" zero_shot " in r or " lora " in r for r in rows)
     assert json.loads((tmp_path / "runs" / "results.json").read_text())["rows"][0]["cell"].startswith(task)
+
+
+def test_table_cells_average_seeds_per_question_then_resample(tmp_path):
+    from retrotune import stats
+    from retrotune.grid import question_scores
+    from retrotune.table import paper_table
+
+    def evaluation(name: str, lines: list[dict]) -> Path:
+        folder = tmp_path / name / "eval"
+        (folder / "true").mkdir(parents=True)
+        (folder / "true" / "predictions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        return folder
+
+    # QuALITY: accuracy over the labelled questions only (the third has no gold option)
+    quality = question_scores(evaluation("quality", [{"id": 1, "chosen": 2, "label": 2}, {"id": 2, "chosen": 0,
+                                                     "label": 1}, {"id": 3, "chosen": 1}]), "quality")
+    assert quality == {"ids": ["1", "2"], "statistic": "mean", "columns": {"accuracy": [100.0, 0.0]}}
+    # QMSum: the three ROUGE columns, bootstrapped together as the geometric mean of their means
+    qmsum = [question_scores(evaluation(f"qmsum-s{seed}", [{"id": i, "rouge_1": r, "rouge_2": r / 2, "rouge_l": r}
+                                                            for i, r in enumerate(values)]), "qmsum")
+             for seed, values in enumerate([(0.2, 0.4, 0.6), (0.4, 0.6, 0.8)])]
+    assert qmsum[0]["statistic"] == "geometric_mean" and qmsum[0]["columns"]["rouge_2"] == [10.0, 20.0, 30.0]
+    rows = [{"model": "RETRO (tiny)", "method": "lora", "task": "qmsum", "seed": seed, "score": score,
+             "questions": q} for seed, (score, q) in enumerate(zip((40 * 0.5 ** (1 / 3), 60 * 0.5 ** (1 / 3)), qmsum))]
+    rows.append({"model": "RETRO (tiny)", "method": "lora", "task": "quality", "score": 50.0, "questions": quality})
+    table = paper_table(rows, ["quality", "qmsum"], {"quality": "QuALITY", "qmsum": "QMSum"})
+    header, _, row = table.splitlines()
+    assert header.startswith("| model | method | QuALITY (n=2) | QMSum (n=3) | Average |")
+    seeds_averaged = [[30.0, 50.0, 70.0], [15.0, 25.0, 35.0], [30.0, 50.0, 70.0]]  # per question, each column
+    low, high = stats.interval_of(stats.geometric_mean_of_means, seeds_averaged)
+    assert f"| 50.0 [{stats.interval([100.0, 0.0])[0]:.1f}, 100.0] | 39.7 [{low:.1f}, {high:.1f}] |" in row
+    seeds_differ = dict(rows[0], questions={**qmsum[1], "ids": ["0", "2", "1"]})
+    with pytest.raises(ValueError, match="different questions"):
+        paper_table([seeds_differ, rows[1]], ["qmsum"])

@@ -122,3 +122,30 @@ def test_retro_qa_re_retrieves_through_a_retriever_object():
     qa = RetroQA(retro, tok, retrieve=r)
     qa.generate(qa.encode_batch(examples(tok, with_answers=False)), max_new_tokens=2 * M + 1)
     assert len(r.calls) == 2 and all(k == 2 and len(texts) == 3 for texts, k in r.calls)
+
+
+def test_neighbours_cut_by_the_prompt_budget_are_counted_and_warned_once():
+    from retrotune.evaluation import evaluate_qa
+
+    tok = char_tokenizer()
+    model = build_tiny_lm("llama")
+    records = [{"id": str(i), "question": f"question {i}?", "answers": ["a"], "neighbour_texts": [text]}
+               for i, text in enumerate(["short passage.", "y" * 300, "z" * 300])]
+    tight = GPTQA(model, tok, num_neighbours=1, budget=80)
+    with pytest.warns(UserWarning, match=r"2 of 3 questions lost neighbour text .*prompt_budget=80") as seen:
+        scores, _ = evaluate_qa(tight, records, batch_size=3, max_new_tokens=1)
+    assert scores["neighbours_cut"] == 2 and len(seen) == 1  # one warning for the whole evaluation
+    import warnings
+
+    roomy = GPTQA(model, tok, num_neighbours=1, budget=1024)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        scores, _ = evaluate_qa(roomy, records, batch_size=3, max_new_tokens=1)
+    assert scores["neighbours_cut"] == 0 and not [w for w in seen if "lost neighbour text" in str(w.message)]
+
+
+def test_a_prompt_budget_below_the_longest_question_is_refused_at_config_load():
+    from retrotune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"prompt_budget \(32\) must be at least data.max_question_tokens \(64\)"):
+        load_config(None, base={"model": "gpt", "prompt_budget": 32})

@@ -185,7 +185,7 @@ def test_experiment_runs_resumes_and_reports(tiny_setup, tmp_path):
                           ("RETRO (retro-fitted)", "zero-shot")]
     assert len(labels) == 3 + 4 and first["rows"][0]["answer_recall"] is None
     # each cell trains at its method's rate (LoRA 2e-4, IA3 3e-3) and records it
-    assert [row["train"]["lr"] for row in first["rows"][3:]] == [2e-4, 3e-3, 2e-4, 3e-3]
+    assert [row["train"]["lr"] for row in first["rows"][3:]] == [2e-4, 2e-4, 3e-3, 3e-3]
     assert first["table"].count("\n") == len(labels) + 1
     for name in ("results.json", "results.md", "score_vs_parameters.png", "learning_curves.png"):
         assert (tmp_path / "exp" / name).stat().st_size > 0

@@ -100,13 +100,15 @@ def task_split(task: Task, source: str | None, train_split: str = "train", eval_
     """(train, evaluation) examples. A source with named splits (a folder of split files, a hub dataset) or a
     separate `eval_source` gives the evaluation split as released; a single file is split by group (article or
     document), so no document is shared between training and evaluation. Each side is cut to its data scale;
-    `with_train=False` reads the evaluation side only (train is then [])."""
+    `with_train=False` reads the evaluation side only (train is then []). `seed` draws the training subset only:
+    the held-out groups and the evaluation questions are the same for every seed, so seeds are compared question by
+    question."""
     source = source if source is not None else (task.hub[0] if task.hub else None)
     named = eval_source is None and source is not None and task.read is not None and has_split(source, eval_split)
     if eval_source is not None or named:
         train = load_examples(task, source, train_split) if with_train else []
         evaluation = load_examples(task, eval_source or source, eval_split)
     else:
-        split = split_by_group(load_examples(task, source, train_split), validation_groups, validation_fraction, seed)
+        split = split_by_group(load_examples(task, source, train_split), validation_groups, validation_fraction)
         train, evaluation = (split.train if with_train else []), split.validation
-    return take(train, train_size, seed), take(evaluation, validation_size, seed)
+    return take(train, train_size, seed), take(evaluation, validation_size)
