@@ -392,8 +392,7 @@ def write_results(exp: ExperimentConfig, rows: list[dict], out: Path, trained: l
                "eval_dir": _relative(first_dir.get((r["model"], r["method"], r["train_size"])), out),
                "controls": _controls(r)}
               for r in table_rows]
-    retrofit = Path(exp.record) / "retrofit.json" if exp.record else None
-    retrofit = json.loads(retrofit.read_text()) if retrofit is not None and retrofit.is_file() else None
+    retrofit = _retrofit_summary(exp)
     # the whole study's time: the retro-fit, every row's answering and every cell's training and answering
     total = (retrofit["train_seconds"] if retrofit else 0.0) + sum(r.get("wall_seconds") or 0.0 for r in rows)
     results = {"rows": public, "comparisons": compared, "findings": verdicts, "seconds": seconds,
@@ -449,6 +448,20 @@ def _controls(row: dict) -> dict:
     """A table row's control scores in the layout of an evaluation's scores: {"shuffled": {"f1": .., "f1_ci": ..}}."""
     return {c: {m + s: row[f"{m}_{c}{s}"] for m in scores.METRICS for s in ("", "_ci") if f"{m}_{c}{s}" in row}
             for c in ("shuffled", "none")}
+
+
+def _retrofit_summary(exp: ExperimentConfig) -> dict | None:
+    """The retro-fit's steps, time and validation curve: from the record, else from its run folder."""
+    kept = Path(exp.record) / "retrofit.json" if exp.record else None
+    if kept is not None and kept.is_file():
+        return json.loads(kept.read_text())
+    folder = retrofit_folder(exp)
+    if exp.retrofit is None or not (folder / FINAL / "run.json").is_file():
+        return None
+    summary = json.loads((folder / FINAL / "run.json").read_text())
+    lines = (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").is_file() else []
+    return {"steps": summary["steps"], "train_seconds": summary["train_seconds"],
+            "validation": [row for row in map(json.loads, filter(str.strip, lines)) if "val_loss" in row]}
 
 
 def _answering_seconds(row: dict) -> float:
