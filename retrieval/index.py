@@ -116,14 +116,20 @@ PROBE_DIMENSIONS = (64, 384, 768, 1024)  # widths a factory is tried at before t
 def check_factory(factory: str) -> None:
     """Refuse a factory string faiss cannot parse, before anything is embedded: it must build an (empty) index at
     one of a few common widths (PQ and OPQ need a width their M divides)."""
-    errors = []
     for dim in PROBE_DIMENSIONS:
         try:
-            make_index(dim, factory)
+            faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
             return
-        except ValueError as error:
-            errors.append(error)
-    raise errors[0]
+        except RuntimeError as error:
+            reason = _faiss_reason(error)
+    raise ValueError(f"factory {factory!r} is not a valid faiss.index_factory string at any of the widths "
+                     f"{', '.join(map(str, PROBE_DIMENSIONS))} ({reason}); try 'Flat' or 'IVF1024,Flat'")
+
+
+def _faiss_reason(error: RuntimeError) -> str:
+    """The last line of a faiss error without its source location."""
+    text = str(error).strip()
+    return text.splitlines()[-1].split(": ", 2)[-1][:200] if text else type(error).__name__
 
 
 def make_index(dim: int, factory: str):
@@ -132,7 +138,7 @@ def make_index(dim: int, factory: str):
         return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise ValueError(f"factory {factory!r} is not a valid faiss.index_factory string for {dim}-d vectors "
-                         f"({str(e).strip().splitlines()[-1].split(': ', 2)[-1][:200]}); try 'Flat' or "
+                         f"({_faiss_reason(e)}); try 'Flat' or "
                          f"'IVF1024,Flat'") from None
 
 

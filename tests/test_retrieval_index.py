@@ -65,8 +65,11 @@ def test_ivf_tuned_nprobe_reaches_target_recall_on_clustered_data():
 
 
 def test_invalid_configs_refused():
-    with pytest.raises(ValueError, match="factory 'IVFx,Flat' is not a valid faiss.index_factory string for 8-d"):
-        build_faiss_index(np.zeros((4, 8), np.float32), IndexConfig(factory="IVFx,Flat"), progress=False)
+    with pytest.raises(ValueError, match="factory 'IVFx,Flat' is not a valid faiss.index_factory string"):
+        IndexConfig(factory="IVFx,Flat")  # refused when the config is built, before anything is embedded
+    # parses, and fits 384-d vectors, but not these 8-d ones: refused at build time, naming the width
+    with pytest.raises(ValueError, match="factory 'PQ3' is not a valid faiss.index_factory string for 8-d"):
+        build_faiss_index(np.zeros((4, 8), np.float32), IndexConfig(factory="PQ3"), progress=False)
     with pytest.raises(ValueError, match="nprobe"):
         IndexConfig(nprobe=0)
 
