@@ -1,20 +1,28 @@
-"""RETRO vs the GPT baseline: cost of one training step and of generation, at k = 2, 5, 10 neighbours.
+"""What reading neighbours costs: every RETRO design against the frozen base and against GPT, on three shapes.
 
-Takes the default decoder (SmolLM2-135M-Instruct; `--tiny`: a 4-layer toy Llama) and random neighbours of real-text
-length (R = 2m tokens each); prints a markdown section: per-example forward+backward time, generation latency and
-activation memory of both models, and RETRO/GPT ratios, all measured in one run with the runs interleaved.
+Takes the default decoder (SmolLM2-135M-Instruct; `--tiny`: a 4-layer toy Llama) and random neighbour tokens of
+real-text length (R = 2m each); prints a markdown section with, per shape, each model's time and its ratio to the
+frozen base on the same tokens, all measured in one run with the models interleaved.
 
-Both models see the same question, answer and neighbour tokens. RETRO: question left-padded to a chunk boundary, the
-answer after it, neighbours cross-attended through CCA. GPT: the k neighbours (k * R tokens) written before the
-question. Gradients: RETRO trains only its added parameters (encoder + CCA), the base is frozen. GPT has no trainable
-parameter of its own here, so its backward runs to the input embeddings (`inputs_embeds.requires_grad`): activation
-gradients through the whole frozen backbone, the least any PEFT method that adapts the lower layers pays. Neither
-model computes weight gradients for the base, so the comparison is forward+backward through the same backbone.
-Generation: greedy, KV-cached, the same loop (`retro.generate`) for both, fixed length (no EOS stop), no re-retrieval.
+Shapes:
+- qa: a batch of questions (40 tokens) and answers (24), one neighbour set of K per question; one training step.
+- corpus-T: one sequence of T tokens whose every chunk has its own K neighbours (a retro-fit's shape); one training
+  step, next-token loss on every token.
+- generation: a one-chunk prompt, then `--gen-chunks` chunks generated greedily (KV-cached) with re-retrieval after
+  every chunk (fresh neighbours for the chunk just finished).
+Models: the frozen base on the text alone; RETRO with each design (`separate`: its own encoder and CCA blocks;
+`joint`: the decoder encodes the neighbours and every layer reads them; `joint, depth d`: the neighbours pass only
+the decoder's first d layers, `RetroConfig.neighbour_depth`); GPT with the same neighbour text in its prompt (for
+generation it re-reads its prompt with the new neighbours after every chunk, as in-context retrieval does).
+Training steps: RETRO trains only its added parameters at gates 0.5 (a model that reads), the base is frozen; the
+base and GPT have no trainable parameter of their own, so their backward runs to the input embeddings (activation
+gradients through the whole frozen backbone, the least any PEFT method pays). CPU time of this process, one thread
+by default (robust to other load on a shared machine); GPU wall time on a GPU.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -35,7 +43,7 @@ def load_model(tiny: bool):
 
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
         return AutoModelForCausalLM.from_config(cfg).eval(), "tiny Llama (4 layers, width 64)"
     from backbones import load_decoder
 
@@ -43,139 +51,205 @@ def load_model(tiny: bool):
     return model.eval(), "SmolLM2-135M-Instruct (30 layers, width 576)"
 
 
-class SavedActivations:
-    """Bytes of distinct tensors autograd keeps for backward (parameters excluded): activation memory, any device."""
-
-    def __init__(self, params):
-        self.param_ptrs = {p.data_ptr() for p in params}
-        self.storages: dict[int, int] = {}
-
-    def pack(self, t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in self.param_ptrs:
-            self.storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    def __enter__(self):
-        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-        self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.ctx.__exit__(*exc)
-
-    @property
-    def mib(self) -> float:
-        return sum(self.storages.values()) / 2**20
+def designs(depths: list[int], n_layers: int) -> dict[str, dict]:
+    """RetroConfig fields of each design compared, by label."""
+    out = {"separate": {"attention": "separate"}, "joint": {"attention": "joint"}}
+    for d in depths:
+        if d < n_layers:
+            out[f"joint, depth {d}"] = {"attention": "joint", "neighbour_depth": d}
+    return out
 
 
-def make_batches(vocab: int, B: int, q_len: int, a_len: int, k: int, m: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randint(10, vocab, shape, generator=g)  # noqa: E731
-    questions, answers, neighbours = rand(B, q_len), rand(B, a_len), rand(B, k, 2 * m)  # neighbours (B, K, R)
-    retro = qa_layout(questions.tolist(), answers.tolist(), m, 0, neighbours=list(neighbours.numpy()))
-    gpt_prompts = [torch.cat([neighbours[b].flatten(), questions[b]]).tolist() for b in range(B)]
-    gpt = qa_layout(gpt_prompts, answers.tolist(), 1, 0)
-    return retro, gpt
+class Randoms:
+    def __init__(self, vocab: int, seed: int):
+        self.vocab, self.g = vocab, torch.Generator().manual_seed(seed)
+
+    def __call__(self, *shape) -> torch.Tensor:
+        return torch.randint(10, self.vocab, shape, generator=self.g)
+
+
+def frozen_step(base, input_ids, attention_mask, position_ids, labels, **_):
+    """Forward + backward of the frozen base, gradients to the input embeddings only."""
+    embeds = base.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+    base(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+         labels=labels).loss.backward()
 
 
 def retro_step(model, batch):
     keys = ("input_ids", "attention_mask", "position_ids", "neighbours", "labels")
-    loss = model(**{k: batch[k] for k in keys}).loss
-    loss.backward()
+    model.zero_grad(set_to_none=True)
+    model(**{k: batch[k] for k in keys}).loss.backward()
 
 
-def gpt_step(base, batch):
-    embeds = base.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
-    loss = base(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                labels=batch["labels"]).loss
-    loss.backward()
+def qa_shape(rand, B: int, k: int, m: int):
+    """(text-only batch, RETRO batch, GPT batch) of B questions + answers with k neighbours each."""
+    q_len, a_len = 40, 24
+    questions, answers, neighbours = rand(B, q_len), rand(B, a_len), rand(B, k, 2 * m)  # neighbours (B, K, R)
+    plain = qa_layout(questions.tolist(), answers.tolist(), 1, 0)
+    retro = qa_layout(questions.tolist(), answers.tolist(), m, 0, neighbours=list(neighbours.numpy()))
+    gpt = qa_layout([torch.cat([neighbours[b].flatten(), questions[b]]).tolist() for b in range(B)],
+                    answers.tolist(), 1, 0)
+    return plain, retro, gpt
 
 
-def timed(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process)."""
+def corpus_shape(rand, T: int, k: int, m: int):
+    """One sequence of T tokens, every chunk with its own k neighbours; GPT reads all of them before the text."""
+    ids, neighbours = rand(1, T), rand(1, T // m, k, 2 * m)  # neighbours (1, L, K, R)
+    ones = torch.ones_like(ids)
+    plain = {"input_ids": ids, "attention_mask": ones, "position_ids": torch.arange(T)[None], "labels": ids}
+    retro = {**plain, "neighbours": neighbours}
+    prompt = neighbours.flatten()[None]  # (1, L*K*R)
+    gpt_ids = torch.cat([prompt, ids], dim=1)
+    gpt = {"input_ids": gpt_ids, "attention_mask": torch.ones_like(gpt_ids),
+           "position_ids": torch.arange(gpt_ids.shape[1])[None],
+           "labels": torch.cat([torch.full_like(prompt, -100), ids], dim=1)}
+    return plain, retro, gpt
+
+
+class _Silent:
+    """The tokenizer `generate` needs to turn a finished chunk into a query text; the random retriever ignores it."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def generation_runs(base, model, rand, k: int, m: int, chunks: int, device: str):
+    """Callables generating `chunks` chunks after a one-chunk prompt: base alone, RETRO with re-retrieval after each
+    chunk, GPT re-reading a prompt with the latest chunk's neighbours before each chunk."""
+    prompt = rand(1, m).to(device)
+    fresh = [rand(1, k, 2 * m).to(device) for _ in range(chunks + 1)]  # the neighbours each retrieval returns
+    new = chunks * m
+
+    def plain():
+        generate(base, prompt, max_new_tokens=new)
+
+    def retro():
+        served = iter(fresh[1:])
+        generate(model, prompt, neighbours=fresh[0][:, None], max_new_tokens=new,
+                 retrieve=lambda texts: next(served), tokenizer=_Silent())
+
+    def gpt():
+        text = prompt
+        for c in range(chunks):
+            ids = torch.cat([fresh[c].flatten()[None], text], dim=1)
+            text = torch.cat([text, generate(base, ids, max_new_tokens=m)], dim=1)
+
+    return plain, retro, gpt
+
+
+def timed(fn) -> float:
+    """Seconds of `fn()`: GPU wall time on a GPU, else CPU time of this process."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    t0, c0 = time.perf_counter(), time.process_time()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    c0 = time.process_time()
     fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, time.process_time() - c0
+    return time.process_time() - c0
+
+
+def measure(runs: dict[str, callable], repeats: int) -> dict[str, float]:
+    """Median seconds of each run over `repeats` rounds (runs interleaved within a round), after one warm-up each."""
+    for fn in runs.values():
+        fn()
+    seconds = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            seconds[name].append(timed(fn))
+    return {name: statistics.median(s) for name, s in seconds.items()}
+
+
+def to(batch: dict, device: str) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="toy model and sizes (a smoke run in seconds)")
-    ap.add_argument("--ks", default="2,5,10", help="neighbour counts to compare (default 2,5,10)")
-    ap.add_argument("--batch", type=int, help="examples per training step (default 2; tiny 2)")
-    ap.add_argument("--repeats", type=int, help="timed repetitions after one warm-up (default 3; tiny 2)")
-    ap.add_argument("--new-tokens", type=int, help="tokens generated per prompt (default 32; tiny 4)")
+    ap.add_argument("--shapes", default="qa,corpus-512,corpus-2048,generation",
+                    help="shapes to measure (default qa,corpus-512,corpus-2048,generation)")
+    ap.add_argument("--depths", default="4,8", help="neighbour depths of the `joint, depth d` designs (default 4,8)")
+    ap.add_argument("--k", type=int, default=2, help="neighbours per chunk (default 2)")
+    ap.add_argument("--batch", type=int, default=2, help="questions per step in the qa shape (default 2)")
+    ap.add_argument("--gen-chunks", type=int, help="chunks generated in the generation shape (default 3; tiny 2)")
+    ap.add_argument("--repeats", type=int, help="timed rounds after a warm-up (default 3; tiny 1)")
     ap.add_argument("--threads", type=int, default=1,
-                    help="CPU threads (default 1: on a shared machine, one thread's CPU time measures the work done "
-                         "without the noise of other processes)")
+                    help="CPU threads (default 1: one thread's CPU time measures the work without the noise of "
+                         "other processes on a shared machine)")
     args = ap.parse_args(argv)
-    ks = [int(k) for k in args.ks.split(",") if k.strip()]
-    if not ks or min(ks) < 1:
-        ap.error(f"--ks must list positive neighbour counts, got {args.ks!r}")
-    m, q_len, a_len = (8, 12, 6) if args.tiny else (64, 40, 24)
-    B = args.batch or 2
-    repeats = args.repeats or (2 if args.tiny else 3)
-    new_tokens = args.new_tokens or (4 if args.tiny else 32)
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    for s in shapes:
+        if s not in ("qa", "generation") and not (s.startswith("corpus-") and s[7:].isdigit()):
+            ap.error(f"unknown shape {s!r}: use qa, generation or corpus-T (T a multiple of the chunk size)")
+    m = 8 if args.tiny else 64
+    repeats = args.repeats or (1 if args.tiny else 3)
+    gen_chunks = args.gen_chunks or (2 if args.tiny else 3)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(args.threads)
-    # primary clock: GPU wall time, or CPU time of this process (robust to other load on a shared CPU)
-    clock = 0 if device == "cuda" else 1
 
     t0 = time.perf_counter()
     base, name = load_model(args.tiny)
     base.to(device)
     print(f"loaded {name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     vocab = base.get_input_embeddings().weight.shape[0]
-    rows = []
-    for k in tqdm(ks, desc="k", file=sys.stderr):
-        model = retrofit(base, RetroConfig(chunk_size=m, num_neighbours=k))
+    n_layers = base.config.num_hidden_layers
+    depths = [int(d) for d in args.depths.split(",") if d.strip()]
+    configs = designs(depths, n_layers)
+    models = {}
+    for label, fields in configs.items():  # each design on its own copy of the base: they read through it
+        model = retrofit(copy.deepcopy(base), RetroConfig(chunk_size=m, num_neighbours=args.k, **fields))
         model.set_gates(0.5)  # a trained-looking model: CCA really contributes
         model.train()
-        base.eval()  # the frozen backbone keeps its dropout off in both models
-        retro_b, gpt_b = (
-            {n: t.to(device) for n, t in b.items()} for b in make_batches(vocab, B, q_len, a_len, k, m, seed=k))
-        steps = {"retro": lambda: retro_step(model, retro_b), "gpt": lambda: gpt_step(base, gpt_b)}
-        gens = {"retro": lambda: generate(model, **prompt_part(retro_b, m), max_new_tokens=new_tokens),
-                "gpt": lambda: generate(base, **prompt_part(gpt_b, 1), max_new_tokens=new_tokens)}
-        mem = {}
-        for who in ("retro", "gpt"):
-            with SavedActivations(list(base.parameters()) + list(model.retro_parameters())) as acts:
-                steps[who]()  # warm-up, and the activation memory of one step
-            mem[who] = acts.mib
-            gens[who]()
-        step_s = {"retro": [], "gpt": []}
-        gen_s = {"retro": [], "gpt": []}
-        for _ in range(repeats):  # interleaved so that load on the machine hits both alike
-            for who in ("retro", "gpt"):
-                model.zero_grad(set_to_none=True)
-                step_s[who].append([t / B for t in timed(steps[who])])
-                gen_s[who].append(timed(gens[who]))
-        med = {who: [statistics.median(t[c] for t in v) for c in (0, 1)] for who, v in step_s.items()}
-        gmed = {who: [statistics.median(t[c] for t in v) for c in (0, 1)] for who, v in gen_s.items()}
-        rows.append([k, int(retro_b["input_ids"].shape[1]), int(gpt_b["input_ids"].shape[1]),
-                     fmt(med["gpt"][clock] * 1e3), fmt(med["retro"][clock] * 1e3),
-                     fmt(med["retro"][clock] / med["gpt"][clock], 2), fmt(med["retro"][0] / med["gpt"][0], 2),
-                     fmt(gmed["gpt"][clock] * 1e3), fmt(gmed["retro"][clock] * 1e3),
-                     fmt(gmed["retro"][clock] / gmed["gpt"][clock], 2), fmt(gmed["retro"][0] / gmed["gpt"][0], 2),
-                     f"{mem['gpt']:.0f}", f"{mem['retro']:.0f}"])
-        model.remove_hooks()
-    n_added = sum(p.numel() for p in model.retro_parameters())
-    print("## RETRO vs GPT baseline: training step and generation cost\n")
-    unit = "GPU wall time" if clock == 0 else "CPU time of the benchmark process"
-    print(f"{name} on {device} ({torch.get_num_threads()} threads); times are {unit} (wall-clock ratios beside "
-          f"them); chunk m = {m}, neighbours R = {2 * m} tokens, "
-          f"question {q_len} + answer {a_len} tokens, batch {B}, median of {repeats}; RETRO adds "
-          f"{n_added / 1e6:.1f} M parameters at k = {ks[-1]} (the only ones it trains). Generation: {new_tokens} "
-          f"greedy tokens, KV-cached, batch {B}. Activation memory: tensors saved for backward in one step.\n")
-    print(md_table(["k", "RETRO tokens/ex", "GPT tokens/ex", "GPT step ms/ex", "RETRO step ms/ex", "RETRO/GPT step",
-                    "(wall)", "GPT gen ms", "RETRO gen ms", "RETRO/GPT gen", "(wall)", "GPT act MiB",
-                    "RETRO act MiB"], rows))
+        model.base.eval()  # the frozen backbone keeps its dropout off in every model
+        models[label] = model
+
+    results, described = {}, []
+    for i, shape in enumerate(tqdm(shapes, desc="shapes", file=sys.stderr)):
+        rand = Randoms(vocab, seed=i)
+        if shape == "generation":
+            runs = {}
+            for label, model in models.items():
+                plain, retro, gpt = generation_runs(base, model, Randoms(vocab, seed=7), args.k, m, gen_chunks,
+                                                    device)
+                runs.setdefault("base", plain)
+                runs.setdefault("GPT + neighbours in prompt", gpt)
+                runs[f"RETRO, {label}"] = retro
+            described.append(f"generation: {gen_chunks} chunks ({gen_chunks * m} tokens) after a {m}-token prompt, "
+                             f"{args.k} fresh neighbours per chunk")
+        else:
+            if shape == "qa":
+                plain, retro_b, gpt_b = (to(b, device) for b in qa_shape(rand, args.batch, args.k, m))
+                described.append(f"qa: {args.batch} questions (40 tokens) + answers (24 tokens), {args.k} "
+                                 f"neighbours each")
+            else:
+                T = int(shape[7:])
+                plain, retro_b, gpt_b = (to(b, device) for b in corpus_shape(rand, T, args.k, m))
+                described.append(f"{shape}: one sequence of {T} tokens ({T // m} chunks), {args.k} neighbours per "
+                                 f"chunk")
+            runs = {"base": lambda p=plain: frozen_step(base, **p),
+                    "GPT + neighbours in prompt": lambda g=gpt_b: frozen_step(base, **g)}
+            for label, model in models.items():
+                runs[f"RETRO, {label}"] = lambda mod=model, b=retro_b: retro_step(mod, b)
+        results[shape] = measure(runs, repeats)
+    unit = "GPU wall time" if device == "cuda" else \
+        f"CPU time of the benchmark process, {torch.get_num_threads()} thread(s)"
+    print("## What reading neighbours costs: RETRO designs and GPT against the frozen base\n")
+    print(f"{name} on {device}; {unit}; chunk m = {m}, neighbours of R = {2 * m} tokens; median of {repeats} "
+          f"interleaved rounds after a warm-up. Training shapes: one forward + backward (RETRO trains its added "
+          f"parameters at gates 0.5; base and GPT backpropagate to their input embeddings). Generation: greedy, "
+          f"KV-cached, re-retrieval after every chunk. Each cell: time over the frozen base's on the same text "
+          f"(base time in the first row).\n")
+    for line in described:
+        print(f"- {line}")
+    print()
+    models_seen = list(next(iter(results.values())))
+    rows = [["base (ms)"] + [fmt(results[s]["base"] * 1e3) for s in shapes]]
+    rows += [[who] + [f"{results[s][who] / results[s]['base']:.2f}x" for s in shapes] for who in models_seen
+             if who != "base"]
+    print(md_table(["model"] + shapes, rows))
     return 0
 
 

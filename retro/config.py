@@ -40,6 +40,11 @@ class RetroConfig:
     #   softmax as their own context through projections that start as the layer's own, behind a zero gate per
     #   head: reading starts from the pretrained attention. Llama-style decoders; CCA on every layer by default.
     attention: str = "separate"
+    # attention="joint": how many of the frozen decoder's lower layers the neighbours pass. A CCA layer below this
+    # depth reads the neighbours' states at its own input (what the layer would see in its context); a layer at or
+    # above it reads the states the prefix ends with, through its own projections (trained). None: up to the highest
+    # CCA layer, so every layer reads its own states. The neighbours' forward costs this depth over the decoder's.
+    neighbour_depth: int | None = None
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -74,6 +79,12 @@ class RetroConfig:
         need(0.0 <= float(self.dropout) < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
         need(self.cca_init in CCA_INITS, f"cca_init must be one of {CCA_INITS}, got {self.cca_init!r}")
         need(self.attention in ATTENTIONS, f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.neighbour_depth is not None:
+            need(self.attention == "joint", "neighbour_depth applies to attention='joint' only (the separate design "
+                 "encodes neighbours with its own encoder: set encoder_layers)")
+            need(isinstance(self.neighbour_depth, int) and self.neighbour_depth >= 1,
+                 f"neighbour_depth must be a positive int (decoder layers the neighbours pass), "
+                 f"got {self.neighbour_depth!r}")
 
     def resolved(self, n_layers: int, hidden: int, heads: int) -> "RetroConfig":
         """This config with every `None` filled in for a decoder of `n_layers` layers, width `hidden`, `heads` heads."""
@@ -82,6 +93,9 @@ class RetroConfig:
         else:
             layers = tuple(range(n_layers)) if self.attention == "joint" else default_cca_layers(n_layers)
         bad = [i for i in layers if i >= n_layers]
+        if self.neighbour_depth is not None and self.neighbour_depth > n_layers:
+            raise ValueError(f"RetroConfig.neighbour_depth {self.neighbour_depth} exceeds the decoder's {n_layers} "
+                             f"layers")
         if bad:
             raise ValueError(f"RetroConfig.cca_layers {bad} do not exist: the decoder has {n_layers} layers "
                              f"(valid 0-based indices 0..{n_layers - 1})")

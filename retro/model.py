@@ -78,6 +78,14 @@ class _LayerInput:
         self.store[self.layer] = args[0] if args else kwargs["hidden_states"]
 
 
+class _NeighboursEncoded(Exception):
+    """Raised on entering the first decoder layer above the highest CCA layer: the neighbours' states are complete."""
+
+
+def _stop_encoding(module, args):
+    raise _NeighboursEncoded
+
+
 class RetroModel(nn.Module):
     """A frozen HF causal LM plus a neighbour encoder (`encoder`) and gated CCA blocks (`cca[str(layer)]`)."""
 
@@ -120,6 +128,11 @@ class RetroModel(nn.Module):
         self.base.config._attn_implementation = implementation_name(self._joint_original)
         for i in self.config.cca_layers:
             attns[i]._retro_joint = JointBinding(self, i, self._joint_original.removeprefix("retro_joint_"))
+
+    @property
+    def neighbour_depth(self) -> int:
+        """Decoder layers the neighbours pass (joint CCA): the configured depth, or up to the highest CCA layer."""
+        return self.config.neighbour_depth or self.config.cca_layers[-1] + 1
 
     @property
     def chunk_size(self) -> int:
@@ -374,16 +387,22 @@ class RetroModel(nn.Module):
         body = getattr(self.base, "base_model", self.base)
         trainable = torch.is_grad_enabled() and any(p.requires_grad for p in body.parameters())
         layers = decoder_layers(self.base)
+        depth = self.neighbour_depth
         states = {}  # layer -> its input over the neighbours (U, R, D); hooks, not output_hidden_states, which
         # leaves capturing hooks on the model that pickle cannot store
-        hooks = [layers[i].register_forward_pre_hook(_LayerInput(states, i), with_kwargs=True)
-                 for i in self.config.cca_layers]
+        captured = sorted({min(i, depth) for i in self.config.cca_layers})  # a layer above the depth reads its states
+        hooks = [layers[i].register_forward_pre_hook(_LayerInput(states, i), with_kwargs=True) for i in captured]
+        if depth < len(layers):  # the layers above the depth never run over the neighbours
+            hooks.append(layers[depth].register_forward_pre_hook(_stop_encoding))
         try:
             with torch.set_grad_enabled(trainable):
                 body(input_ids=rows.clamp(min=0), attention_mask=(rows >= 0).long(), use_cache=False)
+        except _NeighboursEncoded:
+            pass
         finally:
             for h in hooks:
                 h.remove()
+        states = {i: states[min(i, depth)] for i in self.config.cca_layers}
         rotary = body.rotary_emb
         cos, sin = rotary(states[self.config.cca_layers[0]], keys_at)  # (B*c*K, R, d)
         valid = (nb >= 0).reshape(B, c, K * R)

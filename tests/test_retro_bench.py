@@ -1,4 +1,4 @@
-"""Smoke run of benchmarks/bench_retro_vs_gpt.py on its toy model: it completes and prints a full table."""
+"""Smoke run of benchmarks/bench_retro_vs_gpt.py on its toy model: every design on every shape, timed against the base."""
 import sys
 from pathlib import Path
 
@@ -9,12 +9,14 @@ def test_bench_retro_vs_gpt_tiny(capsys):
     sys.path.insert(0, str(ROOT))
     from benchmarks.bench_retro_vs_gpt import main
 
-    assert main(["--tiny", "--ks", "2,5", "--repeats", "1", "--new-tokens", "2"]) == 0
+    assert main(["--tiny", "--shapes", "qa,corpus-32,generation", "--depths", "2"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("## RETRO vs GPT baseline")
-    rows = [ln for ln in out.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
-    assert [r.split("|")[1].strip() for r in rows] == ["2", "5"]
-    for r in rows:
-        cells = [c.strip() for c in r.strip("|").split("|")]
-        assert all(float(c) > 0 for c in cells[3:11]), r  # times and ratios measured, not blank
-        assert int(cells[2]) > int(cells[1])  # GPT reads the neighbours as tokens, RETRO does not
+    assert out.startswith("## What reading neighbours costs")
+    table = [ln for ln in out.splitlines() if ln.startswith("| ")]
+    assert table[0].split("|")[2:5] == [" qa ", " corpus-32 ", " generation "]
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")[1:]] for ln in table[1:]}
+    assert list(rows) == ["base (ms)", "GPT + neighbours in prompt", "RETRO, separate", "RETRO, joint",
+                          "RETRO, joint, depth 2"]
+    assert all(float(ms) > 0 for ms in rows["base (ms)"])
+    for who, cells in list(rows.items())[1:]:
+        assert all(c.endswith("x") and float(c[:-1]) > 0 for c in cells), who  # every ratio measured

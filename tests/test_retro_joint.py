@@ -212,3 +212,55 @@ def test_smollm2_joint_retrofit_reads_its_neighbours():
         plain = base(input_ids=x[held], labels=y[held]).loss.item()
     assert true < shuffled - 0.5 and true < plain - 0.5, (true, shuffled, plain)  # measured 0.99 / 1.75 / 1.79
     model.remove_hooks()
+
+
+def test_neighbours_are_encoded_only_up_to_the_highest_cca_layer(monkeypatch):
+    import retro.model
+
+    model = joint(gate=2.0, cca_layers=[0, 1])
+    layers = retro.model.decoder_layers(model.base)
+    widths = {i: [] for i in range(len(layers))}
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda mod, args, out, i=i: widths[i].append(args[0].shape[1]))  # layers that ran
+    ids = torch.randint(1, TINY_VOCAB, (2, 3 * M))
+    nb = neighbours(2, 3)
+    early = logits(model, ids, nb)
+    # the neighbour rows (length R) pass layers 0 and 1 only; the text (length 3m) passes every layer
+    assert widths[0] == widths[1] == [R, 3 * M] and widths[2] == widths[3] == [3 * M]
+    monkeypatch.setattr(retro.model, "_stop_encoding", lambda module, args: None)
+    full_depth = logits(model, ids, nb)
+    assert widths[3] == [3 * M, R, 3 * M]  # the patched run did encode through every layer
+    assert torch.equal(early, full_depth)
+
+
+def test_a_shallow_neighbour_depth_runs_the_neighbours_through_its_prefix_only():
+    import retro.model
+
+    model = joint(gate=2.0, neighbour_depth=2)
+    assert model.config.cca_layers == (0, 1, 2, 3) and model.neighbour_depth == 2
+    layers = retro.model.decoder_layers(model.base)
+    widths = {i: [] for i in range(len(layers))}
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda mod, args, out, i=i: widths[i].append(args[0].shape[1]))
+    ids = torch.randint(1, TINY_VOCAB, (2, 3 * M))
+    shallow = logits(model, ids, neighbours(2, 3))
+    assert widths == {0: [R, 3 * M], 1: [R, 3 * M], 2: [3 * M], 3: [3 * M]}
+    deep = joint(gate=2.0)  # same weights (seeded tiny model), every layer reads its own states
+    assert not torch.allclose(shallow, logits(deep, ids, neighbours(2, 3)))
+    with torch.no_grad():
+        base = model.base(input_ids=ids).logits
+    assert torch.equal(logits(joint(neighbour_depth=2), ids, neighbours(2, 3)), base)  # still exact at init
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"attention": "separate", "neighbour_depth": 2}, "applies to attention='joint' only"),
+    ({"attention": "joint", "neighbour_depth": 0}, "positive int"),
+])
+def test_bad_neighbour_depths_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        RetroConfig(**fields)
+
+
+def test_a_neighbour_depth_beyond_the_decoder_is_refused():
+    with pytest.raises(ValueError, match="neighbour_depth 9 exceeds the decoder's 4 layers"):
+        joint(neighbour_depth=9)
