@@ -5,6 +5,7 @@
     python eval.py checkpoint runs/gpt-lora              # a trained run on its validation questions
     python eval.py experiment configs/demo.yaml --plan plan.sh   # the grid as one shell line per cell
     python eval.py checkpoint runs/gpt-lora --index indexes/other --task nq_open --qa nq/validation.jsonl
+    python eval.py compare RECORD/rows/A.json RECORD/rows/B.json   # two recorded rows, paired per question
     python eval.py paper configs/paper.yaml              # the paper's grid and its table
     python eval.py paper configs/paper.yaml --cell qasper/smollm2-135m/retro/lora
     python eval.py paper configs/paper.yaml --zero-shot  # the zero-shot row of every task
@@ -114,6 +115,30 @@ def _checkpoint(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from retrotune.config import ConfigError
+    from retrotune.findings import compare_records
+    from retrotune.scores import read_record
+
+    rows = []
+    for path in (args.first, args.second):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such recorded row (an experiment with `record:` writes them to "
+                                    f"RECORD/rows/<row>.json)")
+        try:
+            rows.append({"name": Path(path).stem, "questions": read_record(path)[1]})
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{path}: not a recorded row (JSON with 'row' and 'questions', as an experiment "
+                              f"with `record:` writes)") from None
+    result = compare_records(*rows, metric=args.metric)
+    names = f"{rows[0]['name']} - {rows[1]['name']}"
+    for what, paired in (("score", result["score"]), ("retrieval gain", result.get("retrieval_gain"))):
+        if paired is not None:
+            print(f"{what} ({args.metric}), {names}: {paired.difference:+.1f} [{paired.low:+.1f}, {paired.high:+.1f}], "
+                  f"permutation p = {paired.p_value:.3f}, n = {paired.n}")
+    return 0
+
+
 def _paper(args) -> int:
     from retrotune.grid import load_grid, run_grid
 
@@ -182,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
                             help="also score with shuffled neighbours and with none")
     checkpoint.add_argument("--out", help="output folder (default: RUN/eval)")
     checkpoint.set_defaults(handler=_checkpoint)
+    compare = commands.add_parser("compare", help="two recorded rows compared question by question: the paired "
+                                                  "difference with its 95%% interval")
+    compare.add_argument("first", help="a recorded row, e.g. benchmarks/study/rows/retro-lora-nall-s0.json")
+    compare.add_argument("second", help="the row it is compared with (scored on the same questions)")
+    compare.add_argument("--metric", default="f1", choices=["f1", "em", "rouge_l"])
+    compare.set_defaults(handler=_compare)
     paper = commands.add_parser("paper", help="run the paper's grid (tasks x base models x GPT/RETRO x methods), "
                                               "or some of its cells, and print the paper-layout table")
     paper.add_argument("file", help="a grid YAML, e.g. configs/paper.yaml")
@@ -197,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     paper.add_argument("--collect", action="store_true", help="a plan's last line: the table from the finished "
                                                               "cells, running nothing")
     paper.set_defaults(handler=_paper)
-    for command in (experiment, zero, checkpoint, paper):
+    for command in (experiment, zero, checkpoint, compare, paper):
         command.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
     args = parser.parse_args(argv)
     from retrieval.errors import run_cli

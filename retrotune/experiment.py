@@ -100,6 +100,70 @@ def _run_config(exp: ExperimentConfig, **fields) -> RunConfig:
     return RunConfig(**values)
 
 
+# Fields of a run that do not change what it computes: where it writes and reads back.
+_PLACES = ("output_dir", "neighbours_cache", "init_from")
+# What decides a zero-shot row: how questions are drawn, retrieved, prompted and answered (not how anything trains).
+_EVALUATION_FIELDS = ("task", "decoder", "embedder", "index", "retriever", "quantise", "neighbours", "retro",
+                      "max_new_tokens", "eval_batch_size", "prompt_budget", "model")
+_EVALUATION_DATA = ("qa", "eval_qa", "eval_split", "validation_groups", "validation_size", "max_question_tokens",
+                    "max_answer_tokens")
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def setup_of(config: RunConfig, evaluation_only: bool = False) -> dict:
+    """The fields of `config` that decide its scores, flattened (`train.lr`, `retro.attention`, ...): every field
+    but the folders, or for a row that trains nothing, the evaluation fields alone."""
+    values = {k: v for k, v in config.to_dict().items() if k not in _PLACES}
+    if config.model == "gpt":  # the GPT baseline reads chunk text only: of RETRO's fields, the chunk size counts
+        values["retro"] = {"chunk_size": values["retro"].get("chunk_size")}
+    if evaluation_only:
+        data = values["data"]
+        values = {k: values[k] for k in _EVALUATION_FIELDS}
+        values["data"] = {k: data[k] for k in _EVALUATION_DATA}
+    return json.loads(json.dumps(_flat(values), default=str))
+
+
+def saved_setup(summary: dict, evaluation_only: bool = False) -> dict:
+    """`setup_of` the config a finished run saved in its `run.json`."""
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    return setup_of(RunConfig(**{k: v for k, v in summary["config"].items() if k in known}), evaluation_only)
+
+
+def row_setups(exp: ExperimentConfig, cells: list, retrofit_dir: Path | None) -> dict[str, dict]:
+    """Each row's setup by name; a RETRO row's includes the setup of the retro-fit it starts from (`retrofit.*`)."""
+    fitted = {}
+    if retrofit_dir is not None:
+        fitted = {f"retrofit.{k}": v for k, v in setup_of(retrofit_config(exp, retrofit_dir)).items()}
+    setups = {}
+    for name in exp.zero_shot:
+        kind = "retro" if name == "retro" else "gpt"
+        setups[f"zero-shot-{name}"] = {**setup_of(_run_config(exp, model=kind), evaluation_only=True),
+                                       **(fitted if kind == "retro" else {})}
+    for name, model, _, _, _, _, config in cells:
+        setups[name] = {**setup_of(config), **(fitted if model == "retro" else {})}
+    return setups
+
+
+def check_setup(saved: dict | None, wanted: dict, where: str, remedy: str) -> None:
+    """Refuse results made with another setup than the one asked for, naming the fields that differ."""
+    if saved is None:
+        raise ConfigError(f"{where} does not say which setup made it (it predates setup records); {remedy}")
+    differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} now" for k in differ[:4])
+        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+        raise ConfigError(f"{where} was made with another setup ({shown}{more}); {remedy}")
+
+
 def ensure_index(exp: ExperimentConfig) -> None:
     from retrieval import BuildConfig, CorpusSpec, build_index, is_index, load_corpus
     from retrotune.models import load_embedder, load_tokenizer
@@ -132,6 +196,7 @@ def _evaluate(qa, records, config: RunConfig, out: Path, desc: str, controls=())
 def zero_shot_rows(exp: ExperimentConfig, out: Path, retrofit_dir: Path | None) -> list[dict]:
     """GPT closed-book, GPT with prepended neighbours, and RETRO (retro-fitted when a retro-fit stage ran)."""
     config = _run_config(exp)
+    setups = row_setups(exp, [], retrofit_dir)
     rows = []
     needed = [name for name in exp.zero_shot if not (out / "zero-shot" / name / "scores.json").is_file()]
     if needed:
@@ -157,7 +222,12 @@ def zero_shot_rows(exp: ExperimentConfig, out: Path, retrofit_dir: Path | None) 
                 model.remove_hooks()  # the backbone is shared with the rows after this one
             return scores
 
+        setup, setup_file = setups[f"zero-shot-{name}"], folder / "setup.json"
+        if (folder / "scores.json").is_file():
+            check_setup(json.loads(setup_file.read_text()) if setup_file.is_file() else None, setup,
+                        f"the zero-shot row in {folder}", "delete that folder to score it again")
         scores = _cached(folder / "scores.json", compute)
+        setup_file.write_text(json.dumps(setup, indent=1))
         label = {"gpt_closed_book": "GPT (no retrieval)", "gpt": "GPT + neighbours in prompt",
                  "retro": "RETRO" + (" (retro-fitted)" if retrofit_dir else " (at initialisation)")}[name]
         rows.append({"name": f"zero-shot-{name}", "model": label, "method": "zero-shot", "trainable_parameters": 0,
@@ -206,8 +276,13 @@ def prepare(exp: ExperimentConfig) -> Path | None:
     if exp.retrofit is None:
         return None
     retrofit_dir = retrofit_folder(exp)
-    if not (retrofit_dir / FINAL / "run.json").is_file():
-        train_run(retrofit_config(exp, retrofit_dir))
+    config = retrofit_config(exp, retrofit_dir)
+    summary = retrofit_dir / FINAL / "run.json"
+    if summary.is_file():
+        check_setup(saved_setup(json.loads(summary.read_text())), setup_of(config), f"the retro-fit in {retrofit_dir}",
+                    f"delete that folder to retro-fit again, or set retrofit_dir to another folder")
+    else:
+        train_run(config)
     return retrofit_dir
 
 
@@ -257,7 +332,10 @@ def cell_finished(folder: Path) -> bool:
 
 def run_cell(exp: ExperimentConfig, name: str, folder: Path, config: RunConfig) -> tuple[dict, dict]:
     """Train one cell (unless finished) and evaluate it (unless evaluated): (run summary, scores)."""
-    if not (folder / FINAL / "run.json").is_file():
+    if (folder / FINAL / "run.json").is_file():
+        check_setup(saved_setup(json.loads((folder / FINAL / "run.json").read_text())), setup_of(config),
+                    f"the finished cell {folder}", "delete that folder to run the cell again")
+    else:
         train_run(config)
     summary = json.loads((folder / FINAL / "run.json").read_text())
 
@@ -279,6 +357,10 @@ def run_experiment(exp: ExperimentConfig, collect_only: bool = False, partial: b
     names = [f"zero-shot-{name}" for name in exp.zero_shot] + [cell[0] for cell in cells]
     recorded = {name: scores.read_record(record / "rows" / f"{name}.json") for name in names
                 if record is not None and (record / "rows" / f"{name}.json").is_file()}
+    setups = row_setups(exp, cells, retrofit_dir)
+    for name, (row, _) in recorded.items():
+        check_setup(row.get("setup"), setups[name], f"{record / 'rows' / name}.json",
+                    "delete that file to run the row again, or set `record:` to another folder")
     stages = {}  # this run's seconds by stage (a stage finished by an earlier run takes ~0 here)
     if len(recorded) < len(names) and not collect_only:
         clock = time.perf_counter()
@@ -300,7 +382,7 @@ def run_experiment(exp: ExperimentConfig, collect_only: bool = False, partial: b
         if key in recorded:
             rows.append(_recorded_row(recorded[key]))
         elif not partial:
-            rows.append(_keep(fresh[key], record))
+            rows.append(_keep({**fresh[key], "setup": setups[key]}, record))
     for index, (name, model, peft, size, seed, folder, config) in enumerate(cells, start=1):
         if name in recorded:
             rows.append(_recorded_row(recorded[name]))
@@ -318,7 +400,7 @@ def run_experiment(exp: ExperimentConfig, collect_only: bool = False, partial: b
                            "trainable_parameters": summary["trainable_parameters"]["trainable"],
                            "train_seconds": summary["train_seconds"], "train_size": size, "seed": seed,
                            "wall_seconds": _wall(folder, began), "eval_dir": str(folder / "eval"),
-                           **cell_scores}, record))
+                           "setup": setups[name], **cell_scores}, record))
         trained.append(folder)
         stages[name] = time.perf_counter() - began
         _progress(index, len(cells), name, f"F1 {cell_scores['f1']:.1f}, trained in "

@@ -17,6 +17,7 @@ from collections import OrderedDict
 import numpy as np
 
 from retrotune import stats
+from retrotune.config import ConfigError
 from retrotune.scores import METRICS, vector
 
 GPT, RETRO = "GPT + neighbours in prompt", "RETRO"
@@ -189,4 +190,25 @@ def paper_findings(rows: list[dict]) -> list[dict]:
             out.append({"finding": name, "verdict": verdict, "test": f"{variant} - lora, equivalent if the 95% "
                         f"interval lies within +-{EQUIVALENCE_MARGIN:g} F1", "detail": f"{_fmt(result)}; "
                         f"parameters {ratio:.3f}x LoRA's", "parameter_ratio": ratio, **result.as_dict()})
+    return out
+
+
+def compare_records(first: dict, second: dict, metric: str = "f1") -> dict:
+    """Two recorded rows (`scores.read_record` pairs' question columns, named) compared question by question on
+    the same questions: the paired difference of their scores, and of their retrieval gains where both have the
+    shuffled control. `first`/`second`: {"name": ..., "questions": ...}."""
+    a, b = first["questions"], second["questions"]
+    if a["ids"] != b["ids"]:
+        only = sorted(set(a["ids"]) ^ set(b["ids"]))
+        why = f"{len(only)} question(s) in one only, e.g. {only[:3]}" if only else "the same questions in another order"
+        raise ConfigError(f"{first['name']} and {second['name']} were scored on different questions ({why}); a paired "
+                         f"comparison needs both rows evaluated on the same evaluation set")
+    out = {"metric": metric, "n": len(a["ids"])}
+    score_a, score_b = vector(a, "true", metric), vector(b, "true", metric)
+    if score_a is None or score_b is None:
+        raise ConfigError(f"{first['name'] if score_a is None else second['name']} has no {metric!r} scores")
+    out["score"] = stats.paired(score_a, score_b)
+    shuffled_a, shuffled_b = vector(a, "shuffled", metric), vector(b, "shuffled", metric)
+    if shuffled_a is not None and shuffled_b is not None:
+        out["retrieval_gain"] = stats.paired(score_a - shuffled_a, score_b - shuffled_b)
     return out

@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from test_train_runs import _config, tiny_setup  # noqa: F401 - the fixture is used by name
@@ -12,7 +13,8 @@ STUDY = Path(__file__).parents[1] / "configs" / "study.yaml"
 
 
 def test_study_config_runs_end_to_end_on_fixtures(tiny_setup, tmp_path):  # noqa: F811
-    from retrotune.experiment import ExperimentConfig, run_experiment
+    from retrotune.config import ConfigError
+    from retrotune.experiment import ExperimentConfig, grid_cells, prepare, retrofit_folder, run_cell, run_experiment
 
     root, tokenizer = tiny_setup
     values = yaml.safe_load(STUDY.read_text())
@@ -57,11 +59,36 @@ def test_study_config_runs_end_to_end_on_fixtures(tiny_setup, tmp_path):  # noqa
                  "eval_questions.jsonl"):
         assert (tmp_path / "study" / name).stat().st_size > 0
 
+    # a finished retro-fit or cell made with another setup is refused, never silently reused
+    deeper = ExperimentConfig(**{**values, "run": {**values["run"],
+                                                   "retro": {**values["run"]["retro"], "neighbour_depth": 1}}})
+    with pytest.raises(ConfigError, match=r"retro-fit in .* \(retro.neighbour_depth: None there, 1 now\)"):
+        prepare(deeper)
+    wider = ExperimentConfig(**{**values, "peft": [{**values["peft"][0], "r": 16}] + values["peft"][1:]})
+    name, *_, folder, config = next(grid_cells(wider, retrofit_folder(wider)))
+    with pytest.raises(ConfigError, match=r"finished cell .* \(peft.r: 8 there, 16 now\)"):
+        run_cell(wider, name, folder, config)
+
     # the record alone rebuilds the same table: nothing is trained or evaluated again
     shutil.rmtree(tmp_path / "study")
     again = run_experiment(exp)
     assert again["table"] == first["table"]
     assert not (tmp_path / "study" / "cells").exists()
+
+    # so is a recorded row: the GPT rows do not depend on RETRO's design, the RETRO rows do
+    with pytest.raises(ConfigError, match=r"gpt-lora-nall-s0.json was made with another setup \(peft.r: 8 there"):
+        run_experiment(wider, partial=True)
+    with pytest.raises(ConfigError, match=r"zero-shot-retro.json was made with another setup "
+                                          r"\(retro.neighbour_depth: None there, 1 now; retrofit.retro"):
+        run_experiment(deeper, partial=True)
+    row = tmp_path / "record" / "rows" / "gpt-ia3-nall-s0.json"
+    kept = row.read_text()
+    data = json.loads(kept)
+    del data["row"]["setup"]
+    row.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="gpt-ia3-nall-s0.json does not say which setup made it"):
+        run_experiment(exp, partial=True)
+    row.write_text(kept)
 
     # a study in progress: the table of what is recorded, naming the rest, with nothing trained or evaluated
     (tmp_path / "record" / "rows" / "retro-loretta_rep-nall-s0.json").unlink()
