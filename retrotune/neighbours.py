@@ -26,10 +26,11 @@ def open_index(config: RunConfig, tokenizer, embedder=None):
     """The run's corpus index, refused if it was built with another tokenizer (or chunk size, for RETRO)."""
     from retrieval import Retriever, is_index
     from retrieval.manifest import build_command
+    from retrotune.preflight import shipped_corpus
 
     if not is_index(config.index):
         raise FileNotFoundError(f"{config.index} is not a finished index (no valid manifest.json). Build it with: "
-                                f"{build_command('data/squad-demo/passages.jsonl', config.index)}")
+                                f"{build_command(shipped_corpus(config.index), config.index)}")
     chunk_size = config.retro.get("chunk_size") if config.model == "retro" else None
     if embedder is None and config.retriever != "bm25":
         embedder = load_embedder(config.embedder)

@@ -129,13 +129,19 @@ def _hub_id(name: str) -> bool:
     return name not in DECODER_ALIASES and not Path(name).expanduser().is_dir()
 
 
-def check_index(index: str, corpus_hint: str = "data/squad-demo/passages.jsonl", retriever: str | None = None) -> None:
+def shipped_corpus(index: str) -> str | None:
+    """The shipped corpus an index of that name is built from (`indexes/squad-open` <- `data/squad-open/`), if any."""
+    corpus = Path("data") / Path(index).name / "passages.jsonl"
+    return str(corpus) if corpus.is_file() else None
+
+
+def check_index(index: str, retriever: str | None = None) -> None:
     """The index: finished, and the files `retriever` reads intact (None: every file)."""
     from retrieval.manifest import MANIFEST, build_command, read_manifest, verify_directory
 
     if not (Path(index) / MANIFEST).is_file() and not (Path(index).is_dir() and any(Path(index).iterdir())):
         raise FileNotFoundError(f"{index}: no index there (no {MANIFEST}); build it with: "
-                                f"{build_command(corpus_hint, index)}")
+                                f"{build_command(shipped_corpus(index), index)}")
     verify_directory(index, read_manifest(index), retriever=retriever)
 
 

@@ -69,7 +69,9 @@ def test_unknown_peft_method_before_model_loading(capsys):
 def test_missing_index_names_the_build_command(capsys, tmp_path):
     rc, err = run_train(capsys, f"index={tmp_path / 'nowhere'}")
     assert rc == 2 and err.startswith(f"error: {tmp_path / 'nowhere'}: no index there")
-    assert f"python -m retrieval build --corpus data/squad-demo/passages.jsonl --out {tmp_path / 'nowhere'}" in err
+    assert f"python -m retrieval build --corpus CORPUS --out {tmp_path / 'nowhere'}" in err
+    rc, err = run_train(capsys, f"index={tmp_path / 'squad-open'}")  # named like a shipped corpus: built from it
+    assert f"python -m retrieval build --corpus data/squad-open/passages.jsonl --out {tmp_path / 'squad-open'}" in err
 
 
 def test_unknown_decoder(capsys, tmp_path):
