@@ -64,22 +64,28 @@ def answer_nll(qa, records: list[dict], batch_size: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(ROOT / "configs/study.yaml"), help="experiment whose questions to use")
-    ap.add_argument("--layers", default=DEFAULT_LAYERS, help=f"CCA layer sets, ';'-separated (default {DEFAULT_LAYERS})")
+    ap.add_argument("--layers", default=DEFAULT_LAYERS,
+                    help=f"CCA layer sets, ';'-separated, '@d' a neighbour depth (default {DEFAULT_LAYERS})")
     ap.add_argument("--questions", type=int, default=64, help="evaluation questions scored (default 64)")
     ap.add_argument("--gate", type=float, default=10.0, help="pre-tanh gate value (default 10: fully open)")
     ap.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    ap.add_argument("--tiny", action="store_true", help="8 questions, two layer sets (a smoke run of the real models)")
     args = ap.parse_args(argv)
+    if args.tiny:
+        args.questions, args.layers = 8, "0-29;0-29@8"
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from retro import GPTQA, RetroConfig, RetroQA, retrofit
+    from retro.model import decoder_layers
     from retrotune import assemble, neighbours
     from retrotune.controls import control_records
-    from retrotune.experiment import _run_config, load_experiment
+    from retrotune.experiment import _run_config, ensure_index, load_experiment
     from retrotune.cell import task_data
     from retrotune.tasks import get_task
 
     exp = load_experiment(args.config)
+    ensure_index(exp)  # the experiment's own index, built from its corpus when missing
     config = _run_config(exp)
     task = get_task(config.task)
     evaluation = task_data(config, with_train=False)[1][:args.questions]
@@ -103,13 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         qa = RetroQA(model, tokenizer)
         true, wrong = answer_nll(qa, records, bs), answer_nll(qa, shuffled, bs)
         model.remove_hooks()
-        rows.append([f"joint CCA on layers {describe(layers)}", f"{model.neighbour_depth}/{len(model.base.model.layers)}",
+        depth = f"{model.neighbour_depth}/{len(decoder_layers(model.base))}"
+        rows.append([f"joint CCA on layers {describe(layers)}", depth,
                      f"{true:.2f}", f"{wrong:.2f}", f"{wrong - true:+.2f}"])
-        print(f"{describe(layers)} @{model.neighbour_depth}: {true:.3f} / {wrong:.3f} ({time.process_time() - t0:.0f} s CPU)", file=sys.stderr)
+        print(f"{describe(layers)} @{depth}: {true:.3f} / {wrong:.3f} ({time.process_time() - t0:.0f} s CPU)",
+              file=sys.stderr)
     print("## Where joint CCA reads: answer loss before training, per set of CCA layers\n")
     print(f"{config.decoder}, {len(records)} evaluation questions of {args.config} (article-disjoint from training), "
-          f"{k} neighbour(s) each; gates at tanh({args.gate:g}), score biases 0, nothing trained. Answer NLL in nats per "
-          f"answer token; shuffled: each question with another article's neighbour. Depth: decoder layers the "
+          f"{k} neighbour(s) each; gates at tanh({args.gate:g}), score biases 0, nothing trained. Answer NLL in nats "
+          f"per answer token; shuffled: each question with another article's neighbour. Depth: decoder layers the "
           f"neighbours pass (the encoding cost).\n")
     print(md_table(["reader", "neighbour depth", "NLL, true neighbours", "NLL, shuffled", "reading (shuffled - true)"],
                    rows))

@@ -117,6 +117,20 @@ def _verdict(result: stats.Paired, positive: str = "supported", negative: str = 
     return positive if result.difference > 0 else negative
 
 
+def _loretta_verdict(result: stats.Paired) -> tuple[str, str]:
+    """Finding 4 (LoRETTA matches LoRA at far fewer parameters): supported when the difference is shown to lie within
+    the equivalence margin, or to favour LoRETTA (no loss, and more); contradicted when LoRETTA is shown to be
+    behind by more than the margin allows; inconclusive otherwise."""
+    margin = EQUIVALENCE_MARGIN
+    if result.within(margin):
+        return "supported", f"equivalent: the interval lies within +-{margin:g} F1"
+    if result.low > 0:
+        return "supported", "not equivalent but ahead: the interval lies above 0"
+    if result.high < 0:
+        return "contradicted", f"behind: the interval lies below 0 and reaches past -{margin:g} F1"
+    return "inconclusive", f"the interval crosses 0 and reaches past +-{margin:g} F1"
+
+
 def _fmt(result: stats.Paired) -> str:
     return (f"{result.difference:+.1f} F1, 95% CI [{result.low:+.1f}, {result.high:+.1f}], "
             f"permutation p = {result.p_value:.3f}, n = {result.n}")
@@ -129,7 +143,7 @@ def paper_findings(rows: list[dict]) -> list[dict]:
        question; the verdict pools the methods (the per-question mean of that difference over methods).
     3. P-tuning lags LoRA and adapters: P-tuning minus the better (by mean F1) of LoRA and adapters, on each model.
     4. LoRETTA ~ LoRA at far fewer parameters: LoRETTA minus LoRA, "equivalent" only if the whole interval lies
-       within +-2 F1; with the ratio of trainable parameters.
+       within +-2 F1 (supported; so is an interval above 0: no loss at all), with the ratio of trainable parameters.
     A finding whose rows the study lacks is reported as not measured."""
     size = next((r["train_size"] for r in rows if r["method"] == "lora"), None)
     out = []
@@ -184,12 +198,11 @@ def paper_findings(rows: list[dict]) -> list[dict]:
                 out.append({"finding": name, "verdict": "not measured"})
                 continue
             result = stats.paired(_f1(loretta), _f1(lora))
-            verdict = "supported" if result.within(EQUIVALENCE_MARGIN) else (
-                "contradicted" if result.separated and result.difference < 0 else "inconclusive")
+            verdict, reading = _loretta_verdict(result)
             ratio = loretta["trainable_parameters"] / max(lora["trainable_parameters"], 1)
             out.append({"finding": name, "verdict": verdict, "test": f"{variant} - lora, equivalent if the 95% "
                         f"interval lies within +-{EQUIVALENCE_MARGIN:g} F1", "detail": f"{_fmt(result)}; "
-                        f"parameters {ratio:.3f}x LoRA's", "parameter_ratio": ratio, **result.as_dict()})
+                        f"{reading}; parameters {ratio:.3f}x LoRA's", "parameter_ratio": ratio, **result.as_dict()})
     return out
 
 

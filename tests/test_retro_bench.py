@@ -1,4 +1,4 @@
-"""Smoke run of benchmarks/bench_retro_vs_gpt.py on its toy model: every design on every shape, timed against the base."""
+"""Smoke run of benchmarks/bench_retro_vs_gpt.py on its toy model: every design on every shape, against the base."""
 import sys
 from pathlib import Path
 

@@ -87,15 +87,25 @@ def test_the_four_findings_get_their_verdicts():
         _row("RETRO", "ptuning", base + 15 + noise(1), params=100),                 # 3: level with LoRA on RETRO
         _row("GPT + neighbours in prompt", "loretta_rep", base + 20 + noise(0.5), params=100),  # 4: equivalent
         _row("RETRO", "loretta_rep", base + 5 + noise(1), params=100),              # 4: far below LoRA
+        _row("GPT + neighbours in prompt", "loretta_adp", base + 30 + noise(1), params=100),  # 4: ahead of LoRA
+        _row("RETRO", "loretta_adp", base + 15 + noise(30), params=100),            # 4: too noisy to tell
     ])
-    verdicts = {f["finding"]: f["verdict"] for f in findings.paper_findings(rows)}
+    found = {f["finding"]: f for f in findings.paper_findings(rows)}
+    verdicts = {name: f["verdict"] for name, f in found.items()}
     assert verdicts["1. RETRO is ahead of GPT + neighbours zero-shot"] == "supported"
     assert verdicts["2. GPT gains more from PEFT than RETRO"] == "supported"
     assert verdicts["3. P-tuning lags LoRA and adapters (GPT)"] == "supported"
     assert verdicts["3. P-tuning lags LoRA and adapters (RETRO)"] == "inconclusive"
     assert verdicts["4. loretta_rep ~ LoRA at far fewer parameters (GPT)"] == "supported"
     assert verdicts["4. loretta_rep ~ LoRA at far fewer parameters (RETRO)"] == "contradicted"
-    assert verdicts["4. loretta_adp ~ LoRA at far fewer parameters (GPT)"] == "not measured"
+    assert verdicts["4. loretta_adp ~ LoRA at far fewer parameters (GPT)"] == "supported"
+    assert "not equivalent but ahead" in found["4. loretta_adp ~ LoRA at far fewer parameters (GPT)"]["detail"]
+    assert verdicts["4. loretta_adp ~ LoRA at far fewer parameters (RETRO)"] == "inconclusive"
+    assert "equivalent: the interval lies within +-2 F1" in found["4. loretta_rep ~ LoRA at far fewer parameters (GPT)"][
+        "detail"]
+    without = [row for row in rows if row["method"] != "loretta_adp"]
+    assert {f["finding"]: f["verdict"] for f in findings.paper_findings(without)}[
+        "4. loretta_adp ~ LoRA at far fewer parameters (GPT)"] == "not measured"
     named = {(c["comparison"], c["scope"]): c for c in findings.comparisons(rows)}
     assert named[("RETRO - GPT", "zero-shot")]["separated"]
     assert named[("RETRO - GPT", "lora")]["difference"] == pytest.approx(-5, abs=0.5)
