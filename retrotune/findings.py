@@ -215,7 +215,7 @@ def compare_records(first: dict, second: dict, metric: str = "f1") -> dict:
         only = sorted(set(a["ids"]) ^ set(b["ids"]))
         why = f"{len(only)} question(s) in one only, e.g. {only[:3]}" if only else "the same questions in another order"
         raise ConfigError(f"{first['name']} and {second['name']} were scored on different questions ({why}); a paired "
-                         f"comparison needs both rows evaluated on the same evaluation set")
+                          f"comparison needs both rows evaluated on the same evaluation set")
     out = {"metric": metric, "n": len(a["ids"])}
     score_a, score_b = vector(a, "true", metric), vector(b, "true", metric)
     if score_a is None or score_b is None:
