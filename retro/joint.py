@@ -14,6 +14,10 @@ Per layer and head a gate g (zero at step 0, so the model is exactly the base) b
 and a score bias b is added to every neighbour key's score (how much a head trusts the neighbours over its own
 context). Supported for decoders whose attention modules have q/k/v/o projections, an `input_layernorm` and rotary
 positions from the model's `rotary_emb` (Llama, Mistral, Qwen2, SmolLM ...); others are refused with a reason.
+
+Cost: the neighbours' reading is one fused `scaled_dot_product_attention` call per layer over query windows (each
+window's neighbour keys beside the layer's own keys); positions with no finished chunk to read keep the layer's own
+output without recomputing it, and a decoding step (one window) takes a direct float32 path.
 Legend: B batch, T new tokens, S keys so far, H heads, G = H / kv heads, d head width, L chunks, K neighbours,
 R neighbour length, m chunk size.
 """
@@ -86,43 +90,89 @@ class JointCCA(nn.Module):
                 base_out: torch.Tensor, nb_key: torch.Tensor, nb_value: torch.Tensor, nb_valid: torch.Tensor,
                 offset: int, chunk_size: int) -> torch.Tensor:
         """query (B, H, T, d) at absolute positions offset..offset+T-1; key/value (B, H/G, S, d) the layer's own;
-        `mask` what the layer's attention got (None: causal; bool, True = attend; or additive float), broadcastable
+        `mask` what the layer's attention got (None: causal; bool, True = attend; or additive float, 0 = attend and
+        the dtype's lowest value = not), broadcastable
         to (B, 1, T, S); base_out (B, T, H, d) the layer's own attention output; nb_key/nb_value (B, L, H/G, K*R, d)
         and nb_valid (B, L, K*R) the encoded neighbours of the chunks finished so far -> (B, T, H, d)."""
-        B, H, T, d = query.shape
-        S, L, G, m = key.shape[2], nb_key.shape[1], H // self.kv_heads, chunk_size
-        q = query.float()
-        own = torch.einsum("bkgtd,bksd->bkgts", q.view(B, -1, G, T, d), key.float()).reshape(B, H, T, S) * scaling
-        if mask is None:
-            allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
-            own = own.masked_fill(~allowed, float("-inf"))
-        elif mask.dtype == torch.bool:
-            own = own.masked_fill(~mask[..., -S:], float("-inf"))
-        else:
-            own = own + mask[..., -S:].float()
-        # Queries grouped into windows of m positions that see the same chunk's neighbours (RETRO's causal shift).
+        T, S, L, m = query.shape[2], key.shape[2], nb_key.shape[1], chunk_size
+        # Queries grouped into windows of m positions that see the same chunk's neighbours (RETRO's causal shift):
+        # position p reads chunk (p + 1) // m - 1. Window w covers positions w * m - front .. and reads chunk
+        # first + w; windows of chunks before the first or past the last read only their own context, which is the
+        # layer's own output already, so only windows [lo, hi) are computed.
         s0 = offset - (m - 1)
         first = s0 // m
         front = s0 - first * m
-        Lw = -(-(front + T) // m)
-        chunk = torch.arange(first, first + Lw, device=q.device)  # (Lw,) whose neighbours each window sees
-        seen = (chunk >= 0) & (chunk < L)
-        safe = chunk.clamp(0, max(L - 1, 0))
-        nk, nv = nb_key[:, safe].float(), nb_value[:, safe].float()  # (B, Lw, H/G, KR, d)
-        valid = nb_valid[:, safe] & seen[None, :, None]  # (B, Lw, KR)
-        qw = F.pad(q, (0, 0, front, Lw * m - front - T)).view(B, -1, G, Lw, m, d)
-        nb = torch.einsum("bkgwmd,bwkrd->bkgwmr", qw, nk) * scaling  # (B, H/G, G, Lw, m, KR)
-        nb = nb + self.bias.float().view(-1, G)[None, :, :, None, None, None]
-        nb = nb.masked_fill(~valid[:, None, None, :, None, :], float("-inf"))
-        nb = nb.reshape(B, H, Lw * m, -1)[:, :, front:front + T]  # (B, H, T, KR)
-        weights = torch.softmax(torch.cat([nb, own], dim=-1), dim=-1).nan_to_num(0.0)
-        w_nb, w_own = weights[..., :nb.shape[-1]], weights[..., nb.shape[-1]:]
-        out = torch.einsum("bkgts,bksd->bkgtd", w_own.view(B, -1, G, T, S), value.float())
-        w_nb = F.pad(w_nb, (0, 0, front, Lw * m - front - T)).view(B, -1, G, Lw, m, w_nb.shape[-1])
-        out = out + torch.einsum("bkgwmr,bwkrd->bkgwmd", w_nb, nv).reshape(B, -1, G, Lw * m, d)[..., front:front + T, :]
-        joint = out.reshape(B, H, T, d).transpose(1, 2).to(base_out.dtype)  # (B, T, H, d)
+        lo = max(-first, 0)
+        hi = min(-(-(front + T) // m), L - first)
+        a, b = max(lo * m - front, 0), min(hi * m - front, T)  # the query positions of those windows
+        if a >= b:
+            return base_out
+        chunks = torch.arange(first + lo, first + hi, device=query.device)
+        nk, nv, valid = nb_key[:, chunks], nb_value[:, chunks], nb_valid[:, chunks]  # (B, W, ...)
+        own = _own_mask(mask, T, S, query.device)[:, a:b]  # (B|1, b-a, S), True = attend
+        q = query[:, :, a:b]
+        if hi - lo == 1:  # a decoding step, or any span within one window: no window padding to compute
+            joint = self._one_window(q, key, value, own, scaling, nk[:, 0], nv[:, 0], valid[:, 0])
+        else:
+            joint = self._windows(q, key, value, own, scaling, nk, nv, valid, front if lo == 0 else 0, m)
         gate = torch.tanh(self.gate).to(base_out.dtype)[None, None, :, None]
-        return base_out + gate * (joint - base_out)
+        read = base_out[:, a:b] + gate * (joint.to(base_out.dtype) - base_out[:, a:b])
+        return torch.cat([base_out[:, :a], read, base_out[:, b:]], dim=1)
+
+    def _one_window(self, query, key, value, own, scaling, nk, nv, valid) -> torch.Tensor:
+        """Every query reads the same neighbours: nk/nv (B, H/G, KR, d), valid (B, KR). Scores in float32, one
+        softmax over neighbour and own keys -> (B, T, H, d)."""
+        B, H, T, d = query.shape
+        G = H // self.kv_heads
+        q = query.float().view(B, self.kv_heads, G, T, d)
+        scores = torch.cat([torch.einsum("bkgtd,bkrd->bkgtr", q, nk.float()),
+                            torch.einsum("bkgtd,bksd->bkgts", q, key.float())], dim=-1) * scaling
+        bias = torch.cat([self.bias.float().view(1, self.kv_heads, G, 1, 1).expand(1, -1, -1, 1, nk.shape[2]),
+                          scores.new_zeros(1, self.kv_heads, G, 1, key.shape[2])], dim=-1)
+        allowed = torch.cat([valid[:, None, :].expand(-1, T, -1), own.expand(B, -1, -1)], dim=-1)  # (B, T, KR+S)
+        scores = (scores + bias).masked_fill(~allowed[:, None, None], float("-inf"))
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with nothing to attend reads nothing
+        out = torch.einsum("bkgtr,bkrd->bkgtd", weights, torch.cat([nv, value], dim=2).float())
+        return out.reshape(B, H, T, d).transpose(1, 2)
+
+    def _windows(self, query, key, value, own, scaling, nk, nv, valid, front: int, m: int) -> torch.Tensor:
+        """Queries in W windows of m positions, window w reading nk/nv[:, w] (B, W, H/G, KR, d), valid (B, W, KR):
+        one fused attention call over windows x kv heads, each window's queries attending its neighbours' keys and
+        the layer's own keys in one softmax -> (B, T, H, d).
+
+        A head's neighbour score bias rides in one extra key/query column (query: bias / scaling, neighbour keys 1,
+        own keys 0), so the mask is shared by the heads and needs no gradient; the column is padded to a multiple
+        of 8 (what fused GPU kernels take). Masked scores use the dtype's lowest finite value, so a query with
+        nothing to attend (padding) averages harmlessly instead of giving NaN."""
+        B, H, T, d = query.shape
+        kvh, S, W, KR = self.kv_heads, key.shape[2], nk.shape[1], nk.shape[3]
+        G, back, dtype, dev = H // kvh, W * m - front - T, query.dtype, query.device
+        width = -(-(d + 1) // 8) * 8
+        lowest = torch.finfo(dtype).min
+        own = F.pad(own, (0, 0, front, back), value=False).view(own.shape[0], W, 1, m, S)
+        allowed = torch.cat([valid[:, :, None, None, :].expand(B, W, 1, m, KR), own.expand(B, W, 1, m, S)], dim=-1)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, lowest)
+        mask = mask.expand(B, W, G, m, KR + S).reshape(B * W, 1, G * m, KR + S)
+        q = F.pad(query, (0, 0, front, back)).view(B, kvh, G, W, m, d)
+        column = (self.bias.to(dtype) / scaling).view(1, kvh, G, 1, 1, 1).expand(B, kvh, G, W, m, 1)
+        q = torch.cat([q, column], dim=-1).permute(0, 3, 1, 2, 4, 5).reshape(B * W, kvh, G * m, d + 1)
+        marks = torch.cat([torch.ones(KR, dtype=dtype, device=dev), torch.zeros(S, dtype=dtype, device=dev)])
+        k = torch.cat([nk, key[:, None].expand(B, W, kvh, S, d)], dim=3)
+        k = torch.cat([k, marks.view(1, 1, 1, -1, 1).expand(B, W, kvh, KR + S, 1)], dim=-1)
+        v = torch.cat([nv, value[:, None].expand(B, W, kvh, S, d)], dim=3)
+        q, k, v = (F.pad(t, (0, width - t.shape[-1])).reshape(B * W, kvh, -1, width) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)[..., :d]  # (B*W, kvh, G*m, d)
+        out = out.view(B, W, kvh, G, m, d).permute(0, 2, 3, 1, 4, 5).reshape(B, H, W * m, d)[:, :, front:front + T]
+        return out.transpose(1, 2)
+
+
+def _own_mask(mask, T: int, S: int, device) -> torch.Tensor:
+    """What the layer's attention got, as (B|1, T, S) bool, True = attend (None: causal over the last T keys)."""
+    if mask is None:
+        return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None]
+    if mask.dtype == torch.bool:
+        return mask[..., -S:].expand(-1, 1, T, S)[:, 0]
+    return (mask[..., -S:] > torch.finfo(mask.dtype).min / 2).expand(-1, 1, T, S)[:, 0]
 
 
 class JointBinding:

@@ -10,6 +10,7 @@ import torch
 from conftest import TINY_VOCAB, build_tiny_lm
 from test_retro_model import check_cached_forward, check_causal, check_chunk_reach
 from retro import RetroConfig, retrofit
+from retro.joint import JointCCA
 
 M, K, R = 4, 2, 8
 
@@ -264,3 +265,68 @@ def test_bad_neighbour_depths_are_refused(fields, message):
 def test_a_neighbour_depth_beyond_the_decoder_is_refused():
     with pytest.raises(ValueError, match="neighbour_depth 9 exceeds the decoder's 4 layers"):
         joint(neighbour_depth=9)
+
+
+def reference_joint(block, query, key, value, allowed, scaling, base_out, nb_key, nb_value, nb_valid, offset, m):
+    """One query at a time, spelled out: position p reads the neighbours of chunk (p + 1) // m - 1 (when that chunk
+    exists) and its allowed own keys in one softmax, each neighbour score raised by the head's bias."""
+    B, H, T, d = query.shape
+    G, L = H // block.kv_heads, nb_key.shape[1]
+    out = base_out.clone()
+    gate = torch.tanh(block.gate)
+    for b in range(B):
+        for t in range(T):
+            c = (offset + t + 1) // m - 1
+            if not 0 <= c < L:
+                continue  # no neighbours to read: the layer's own output
+            for h in range(H):
+                kv = h // G
+                keys = torch.cat([nb_key[b, c, kv], key[b, kv]])  # (KR + S, d)
+                scores = keys @ query[b, h, t] * scaling
+                scores = scores + torch.cat([block.bias[h].expand(nb_key.shape[3]), scores.new_zeros(key.shape[2])])
+                ok = torch.cat([nb_valid[b, c], allowed[b, t]])
+                weights = torch.softmax(scores.masked_fill(~ok, float("-inf")), 0).nan_to_num(0.0)
+                read = weights @ torch.cat([nb_value[b, c, kv], value[b, kv]])
+                out[b, t, h] = base_out[b, t, h] + gate[h] * (read - base_out[b, t, h])
+    return out
+
+
+@pytest.mark.parametrize("T, S, L, offset, mask_kind", [
+    (12, 12, 3, 0, "none"), (12, 12, 3, 0, "bool"), (1, 11, 2, 10, "bool"), (1, 9, 3, 8, "float"),
+    (5, 14, 3, 9, "float"), (3, 3, 1, 0, "none"), (10, 10, 1, 0, "bool")])
+def test_joint_attention_matches_a_per_query_reference(T, S, L, offset, mask_kind):
+    """Both of JointCCA's paths (one window, and the fused call over many windows) against the spelled-out
+    reference, with left padding, invalid neighbours, GQA and per-head biases; gradients too."""
+    torch.manual_seed(0)
+    H, kv_heads, d, m, KR, B = 4, 2, 8, 4, 6, 2
+    attn = torch.nn.Module()
+    attn.q_proj, attn.k_proj, attn.v_proj = (torch.nn.Linear(16, n) for n in (H * d, kv_heads * d, kv_heads * d))
+    block = JointCCA(attn, H, kv_heads)
+    with torch.no_grad():
+        block.gate.copy_(torch.linspace(0.3, 1.5, H))
+        block.bias.copy_(torch.linspace(-1.0, 1.0, H))
+    query = torch.randn(B, H, T, d, requires_grad=True)
+    key, value = (torch.randn(B, kv_heads, S, d, requires_grad=True) for _ in range(2))
+    nb_key, nb_value = (torch.randn(B, L, kv_heads, KR, d, requires_grad=True) for _ in range(2))
+    nb_valid = torch.rand(B, L, KR) > 0.3
+    allowed = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None].repeat(B, 1, 1)
+    allowed[1, :, :2] = False  # the second row is left-padded by two tokens
+    mask = {"none": None, "bool": allowed[:, None],
+            "float": torch.zeros(B, 1, T, S).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)}[mask_kind]
+    if mask_kind == "none":
+        allowed = allowed[:1].expand(B, -1, -1)
+    repeat = lambda x: x.repeat_interleave(H // kv_heads, dim=1)
+    scores = (query @ repeat(key).transpose(-1, -2) * d ** -0.5).masked_fill(~allowed[:, None], float("-inf"))
+    base = torch.softmax(scores, -1).nan_to_num(0.0) @ repeat(value)
+    base_out = base.transpose(1, 2)  # (B, T, H, d): the layer's own attention output
+    args = (query, key, value, mask, d ** -0.5, base_out, nb_key, nb_value, nb_valid, offset, m)
+    got = block(*args)
+    want = reference_joint(block, *args[:3], allowed, *args[4:])
+    real = slice(2, None) if T == S else slice(None)  # the padded row's own padding positions read nothing real
+    torch.testing.assert_close(got[:, real], want[:, real], atol=1e-5, rtol=1e-5)
+    inputs = (query, key, value, nb_key, nb_value, block.gate, block.bias)
+    grads_got = torch.autograd.grad(got[:, real].square().sum(), inputs, retain_graph=True, allow_unused=True)
+    grads_want = torch.autograd.grad(want[:, real].square().sum(), inputs, allow_unused=True)
+    for g, w, x in zip(grads_got, grads_want, inputs):
+        zero = torch.zeros_like(x)  # a path that never touched an input leaves its gradient None
+        torch.testing.assert_close(zero if g is None else g, zero if w is None else w, atol=1e-4, rtol=1e-4)
