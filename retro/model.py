@@ -7,6 +7,7 @@ Legend: B batch, T tokens, L chunks, K neighbours, R neighbour length, D decoder
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,7 @@ class _RetroState:
     cca_kv: dict = field(default_factory=dict)  # layer -> {"k", "v"}: (B, L_enc, K*R, D) projected per CCA block
     last_token: torch.Tensor | None = None  # (B, 1, D) input embedding of the token at offset - 1
     joint_chunks: int = 0  # attention="joint": chunks whose neighbours are encoded (their keys are in cca_kv)
+    joint_reads: bool = False  # attention="joint": some encoded chunk has a real neighbour (else CCA reads nothing)
 
 
 @dataclass
@@ -86,6 +88,26 @@ def _stop_encoding(module, args):
     raise _NeighboursEncoded
 
 
+class _NeighbourStates:
+    """Decoder states of neighbour rows, by their token ids: what `RetroModel.reusing_neighbours` keeps."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.used, self.rows = max_bytes, 0, {}  # row bytes -> {layer: (R, D)}
+
+    def lookup(self, rows: torch.Tensor, encode) -> dict[int, torch.Tensor]:
+        """rows (U, R) -> {layer: (U, R, D)}; `encode` runs the rows not kept yet (the same mapping)."""
+        keys = [row.tobytes() for row in rows.cpu().numpy()]
+        missing = [j for j, key in enumerate(keys) if key not in self.rows]
+        fresh = encode(rows[missing]) if missing else {}
+        found = {keys[j]: {i: s[n] for i, s in fresh.items()} for n, j in enumerate(missing)}
+        for key, states in found.items():
+            size = sum(s.numel() * s.element_size() for s in states.values())
+            if self.used + size <= self.max_bytes:
+                self.rows[key], self.used = states, self.used + size
+        pick = [self.rows.get(key) or found[key] for key in keys]
+        return {i: torch.stack([p[i] for p in pick]) for i in pick[0]}
+
+
 class RetroModel(nn.Module):
     """A frozen HF causal LM plus a neighbour encoder (`encoder`) and gated CCA blocks (`cca[str(layer)]`)."""
 
@@ -102,6 +124,7 @@ class RetroModel(nn.Module):
         self._step: _Step | None = None
         self._checkpointing: dict | None = None  # torch.utils.checkpoint kwargs while gradient checkpointing is on
         self._hooks, self._joint_original = [], None
+        self._neighbour_states: _NeighbourStates | None = None  # joint CCA's encodings while `reusing_neighbours`
         layers = decoder_layers(base)
         if config.attention == "joint":
             # the frozen decoder encodes the neighbours; CCA reads them inside each chosen layer's own attention
@@ -382,51 +405,94 @@ class RetroModel(nn.Module):
         anchor = position_ids.to(dev)[:, last]  # (B, c) position of each chunk's last token
         keys_at = anchor[:, :, None, None] - R + torch.arange(R, device=dev)  # (B, c, 1, R)
         keys_at = keys_at.expand(B, c, K, R).reshape(-1, R)
-        flat = nb.reshape(-1, R)  # (B*c*K, R)
-        rows, inverse = torch.unique(flat, dim=0, return_inverse=True)  # chunks of one question share neighbours
-        body = getattr(self.base, "base_model", self.base)
-        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in body.parameters())
-        layers = decoder_layers(self.base)
-        depth = self.neighbour_depth
-        states = {}  # layer -> its input over the neighbours (U, R, D); hooks, not output_hidden_states, which
-        # leaves capturing hooks on the model that pickle cannot store
-        captured = sorted({min(i, depth) for i in self.config.cca_layers})  # a layer above the depth reads its states
-        hooks = [layers[i].register_forward_pre_hook(_LayerInput(states, i), with_kwargs=True) for i in captured]
-        if depth < len(layers):  # the layers above the depth never run over the neighbours
-            hooks.append(layers[depth].register_forward_pre_hook(_stop_encoding))
-        try:
-            with torch.set_grad_enabled(trainable):
-                body(input_ids=rows.clamp(min=0), attention_mask=(rows >= 0).long(), use_cache=False)
-        except _NeighboursEncoded:
-            pass
-        finally:
-            for h in hooks:
-                h.remove()
-        states = {i: states[min(i, depth)] for i in self.config.cca_layers}
-        rotary = body.rotary_emb
-        cos, sin = rotary(states[self.config.cca_layers[0]], keys_at)  # (B*c*K, R, d)
         valid = (nb >= 0).reshape(B, c, K * R)
-        for i in self.config.cca_layers:
-            block = self.cca[str(i)]
-            normed = layers[i].input_layernorm(states[i])[inverse]  # (B*c*K, R, D): this layer's input, normed
-            k, v = block.project(normed, cos, sin)  # (B*c*K, H/G, R, d)
-            k = k.view(B, c, K, *k.shape[1:]).permute(0, 1, 3, 2, 4, 5).reshape(B, c, k.shape[1], K * R, -1)
-            v = v.view(B, c, K, *v.shape[1:]).permute(0, 1, 3, 2, 4, 5).reshape(B, c, v.shape[1], K * R, -1)
+        if valid.any():
+            projected = self._project_neighbours(nb, keys_at)
+        else:  # nothing to read (the "none" control): keys and values every query masks out, no decoder pass
+            dtype = self.get_input_embeddings().weight.dtype
+            projected = {i: (torch.zeros(B, c, self.cca[str(i)].kv_heads, K * R, self.cca[str(i)].head_dim,
+                                         device=dev, dtype=dtype),) * 2 for i in self.config.cca_layers}
+        for i, (k, v) in projected.items():
             kv = state.cca_kv.setdefault(i, {})
             kv["k"] = k if not done else torch.cat([kv["k"], k], dim=1)
             kv["v"] = v if not done else torch.cat([kv["v"], v], dim=1)
         state.encoded_valid = valid if not done else torch.cat([state.encoded_valid, valid], dim=1)
         state.neighbour_length, state.joint_chunks = R, finished
+        state.joint_reads = state.joint_reads or bool(valid.any())
+
+    def _project_neighbours(self, nb: torch.Tensor, keys_at: torch.Tensor) -> dict[int, tuple[torch.Tensor, ...]]:
+        """nb (B, c, K, R) neighbour ids, keys_at (B*c*K, R) their positions -> each CCA layer's neighbour keys and
+        values (B, c, H/G, K*R, d), from the frozen decoder's states over the distinct rows."""
+        B, c, K, R = nb.shape
+        rows, inverse = torch.unique(nb.reshape(-1, R), dim=0, return_inverse=True)  # a question's chunks share them
+        body = getattr(self.base, "base_model", self.base)
+        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in body.parameters())
+        captured = sorted({min(i, self.neighbour_depth) for i in self.config.cca_layers})  # a layer above the
+        # depth reads the states at the depth
+        if self._neighbour_states is not None and not trainable:
+            states = self._neighbour_states.lookup(rows, lambda missing: self._run_neighbours(body, missing, captured))
+        else:
+            with torch.set_grad_enabled(trainable):
+                states = self._run_neighbours(body, rows, captured)
+        depth, layers = self.neighbour_depth, decoder_layers(self.base)
+        states = {i: states[min(i, depth)] for i in self.config.cca_layers}
+        cos, sin = body.rotary_emb(states[self.config.cca_layers[0]], keys_at)  # (B*c*K, R, d)
+        projected = {}
+        for i in self.config.cca_layers:
+            normed = layers[i].input_layernorm(states[i])[inverse]  # (B*c*K, R, D): this layer's input, normed
+            k, v = self.cca[str(i)].project(normed, cos, sin)  # (B*c*K, H/G, R, d)
+            projected[i] = tuple(t.view(B, c, K, *t.shape[1:]).permute(0, 1, 3, 2, 4, 5).reshape(B, c, t.shape[1],
+                                                                                                K * R, -1)
+                                 for t in (k, v))
+        return projected
+
+    def _run_neighbours(self, body: nn.Module, rows: torch.Tensor, captured: list[int]) -> dict[int, torch.Tensor]:
+        """rows (U, R) neighbour ids, -1 padded -> each captured layer's input over them (U, R, D). The layers above
+        the highest captured one never run."""
+        layers = decoder_layers(self.base)
+        states = {}  # hooks, not output_hidden_states, which leaves capturing hooks that pickle cannot store
+        hooks = [layers[i].register_forward_pre_hook(_LayerInput(states, i), with_kwargs=True) for i in captured]
+        hooks.append(layers[captured[-1]].register_forward_pre_hook(_stop_encoding))  # runs after the capture
+        try:
+            body(input_ids=rows.clamp(min=0), attention_mask=(rows >= 0).long(), use_cache=False)
+        except _NeighboursEncoded:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+        return states
+
+    @contextmanager
+    def reusing_neighbours(self, max_bytes: int = 2 << 30):
+        """Within the block, joint CCA runs each distinct neighbour through the decoder once and reuses its states
+        (up to `max_bytes` of them; past that, new neighbours are encoded each time). For forwards without
+        gradients over weights that do not change inside the block: an evaluation's passes, where the shuffled
+        control reads the same neighbours as the true pass. Other designs ignore it."""
+        if self.config.attention != "joint":
+            yield
+            return
+        self._neighbour_states = _NeighbourStates(max_bytes)
+        try:
+            yield
+        finally:
+            self._neighbour_states = None
 
     def _joint_attend(self, layer: int, query, key, value, mask, scaling, base_out: torch.Tensor) -> torch.Tensor:
         """Called from inside layer `layer`'s attention: its output with the chunk neighbours read in."""
         step = self._step
-        if step is None or step.state.joint_chunks == 0:
+        if step is None or not step.state.joint_reads:  # nothing to read: the layer's own output, exactly
             return base_out
         state, block = step.state, self.cca[str(layer)]
         kv = state.cca_kv[layer]
         return self._checkpointed(block, query, key, value, mask, scaling, base_out, kv["k"], kv["v"],
                                   state.encoded_valid, state.offset, self.chunk_size)
+
+def reusing_neighbours(model: nn.Module, max_bytes: int = 2 << 30):
+    """`RetroModel.reusing_neighbours` of the RETRO model inside `model` (a PEFT wrapper, say); a no-op context for
+    any other model."""
+    inner = next((m for m in model.modules() if isinstance(m, RetroModel)), None)
+    return nullcontext() if inner is None else inner.reusing_neighbours(max_bytes)
+
 
 def retrofit(base: nn.Module, config: RetroConfig | None = None) -> RetroModel:
     """Wrap `base` (frozen, weights untouched) with a neighbour encoder and zero-gated CCA blocks."""

@@ -117,7 +117,7 @@ def evaluate_run(run_dir: Path, out: Path | None = None, controls=(), index: str
     records = neighbours.attach(config, spec, retriever, evaluation, cache_dir=other)
     scores = evaluate_with_controls(qa, records, Path(out or Path(run_dir) / "eval"), config.eval_batch_size,
                                     config.generation_length, config.neighbours, controls,
-                                    f"evaluate {Path(run_dir).name}", config.task)
+                                    f"evaluate {Path(run_dir).name}", config.task, config.train.precision)
     return {**scores, "task": config.task, "corpus": note}
 
 
@@ -136,5 +136,5 @@ def evaluate_untrained(config: RunConfig, out: Path, controls=(), closed_book: b
     qa = assemble.qa_interface(config, model, tokenizer, retriever)
     scores = evaluate_with_controls(qa, records, out, config.eval_batch_size, config.generation_length,  # 5
                                     config.neighbours, () if closed_book else controls, f"zero-shot {out.name}",
-                                    config.task)
+                                    config.task, config.train.precision)
     return {**scores, "task": config.task}

@@ -48,7 +48,7 @@ class TrainConfig:
     # RETRO learns to read its neighbours); an evaluation counts as better only by more than min_delta
     early_stopping_metric: str = "val_loss"
     early_stopping_min_delta: float = 0.0  # how much better an evaluation must be to reset the patience
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (bf16/fp16 need a GPU; auto takes bf16 there)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16, training and evaluation (see retrotune.precision)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (decoder, CCA, encoder)
     # shard the model across the processes of `torchrun`/`accelerate launch` with FSDP2 instead of copying it whole
     # into each (data-parallel); checkpoints hold the same whole trained state either way

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from retro import reusing_neighbours
 from retrotune.controls import CONTROLS, control_records
+from retrotune.precision import autocast
 from retrotune.metrics import exact_match, f1_score, predicted_letter, rouge, score_task
 from retrotune.tasks import get_task
 from retrotune.tasks.prompts import option_text
@@ -101,9 +103,10 @@ def _prompt_size(record: dict) -> int:
 
 def evaluate_with_controls(qa, records: list[dict], out: Path, batch_size: int = 8, max_new_tokens: int = 16,
                            k: int | None = None, controls=CONTROLS, desc: str = "evaluate",
-                           task: str = "squad_open") -> dict:
+                           task: str = "squad_open", precision: str = "fp32") -> dict:
     """Scores with the true neighbours plus, under `controls`, the same questions with shuffled neighbours and with
-    none. Each evaluation writes `out/<true|control>/predictions.jsonl` and `scores.json`; a score a previous run
+    none, computed in `precision` (`retrotune.precision`). Each evaluation writes `out/<true|control>/predictions.jsonl`
+    and `scores.json`; a score a previous run
     left is read back, so an interrupted evaluation resumes. `retrieval_gain`: the task's score with the true
     neighbours minus with shuffled ones (`retrieval_gain_f1` the same in F1, where the task has F1)."""
     def cached(folder: Path, recs: list[dict], label: str) -> dict:
@@ -115,8 +118,11 @@ def evaluate_with_controls(qa, records: list[dict], out: Path, batch_size: int =
         file.write_text(json.dumps(scores, indent=2))
         return scores
 
-    scores = dict(cached(out / "true", records, desc))
-    scores["controls"] = {c: cached(out / c, control_records(records, c), f"{desc} [{c}]") for c in controls}
+    # RETRO encodes each neighbour once for every pass: the shuffled control reads the true pass's neighbours
+    device = qa.model.get_input_embeddings().weight.device
+    with reusing_neighbours(qa.model), autocast(precision, device):
+        scores = dict(cached(out / "true", records, desc))
+        scores["controls"] = {c: cached(out / c, control_records(records, c), f"{desc} [{c}]") for c in controls}
     if "shuffled" in scores["controls"]:
         shuffled = scores["controls"]["shuffled"]
         scores["retrieval_gain"] = scores["score"] - shuffled["score"]

@@ -190,7 +190,7 @@ def _cached(path: Path, compute):
 
 def _evaluate(qa, records, config: RunConfig, out: Path, desc: str, controls=()) -> dict:
     return evaluate_with_controls(qa, records, out, config.eval_batch_size, config.generation_length,
-                                  config.neighbours, controls, desc, config.task)
+                                  config.neighbours, controls, desc, config.task, config.train.precision)
 
 
 def zero_shot_rows(exp: ExperimentConfig, out: Path, retrofit_dir: Path | None) -> list[dict]:

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from retrieval.integrity import files_under, seal_directory, verify_sealed
+from retro import reusing_neighbours
 from retrotune.config import RunConfig
 from retrotune.controls import control_records, donors
 from retrotune.metrics import score_task
@@ -118,7 +119,8 @@ def mean_loss(model, batches, keys, drop_neighbours: bool = False) -> float:
         if drop_neighbours:
             inputs["neighbours"] = torch.full_like(inputs["neighbours"], -1)
         tokens = int((inputs["labels"][:, 1:] != IGNORE).sum())
-        total += float(model(**inputs).loss) * tokens
+        with torch.no_grad():
+            total += float(model(**inputs).loss) * tokens
         count += tokens
     return total / max(count, 1)
 
@@ -171,9 +173,10 @@ def train(config: RunConfig, model, tokenizer, retriever, identity: dict, qa=Non
 
         def validate(m):
             # a model that reads its neighbours has val_loss well below val_loss_shuffled; val_loss_base is the base
-            return {"val_loss": mean_loss(m, val_batches, keys),
-                    "val_loss_shuffled": mean_loss(m, shuffled_batches, keys),
-                    "val_loss_base": mean_loss(m, val_batches, keys, drop_neighbours=True)}
+            with reusing_neighbours(m):  # the shuffled batches read the same neighbours
+                return {"val_loss": mean_loss(m, val_batches, keys),
+                        "val_loss_shuffled": mean_loss(m, shuffled_batches, keys),
+                        "val_loss_base": mean_loss(m, val_batches, keys, drop_neighbours=True)}
     else:
         collate = qa.encode_batch
         val_set = _spread(val_set, config.data.validation_loss_size)
@@ -183,7 +186,9 @@ def train(config: RunConfig, model, tokenizer, retriever, identity: dict, qa=Non
         generated = [r for r in val_set if not r.get("options")][:config.data.validation_generate]
 
         def validate(m):
-            row = {"val_loss": mean_loss(m, val_batches, keys), "val_loss_shuffled": mean_loss(m, shuffled_batches, keys)}
+            with reusing_neighbours(m):
+                row = {"val_loss": mean_loss(m, val_batches, keys),
+                       "val_loss_shuffled": mean_loss(m, shuffled_batches, keys)}
             if generated:
                 predictions = []
                 for lo in range(0, len(generated), bs):

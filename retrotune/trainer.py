@@ -38,6 +38,7 @@ from retrieval.integrity import seal_directory, verify_sealed
 from retrotune import plots
 from retrotune.checkpoint_state import CheckpointError, load_state, rng_state, save_state, set_rng_state
 from retrotune.config import TrainConfig
+from retrotune.precision import resolve as resolve_precision
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "config.json", "state.json")
@@ -360,11 +361,7 @@ def _fit(model: torch.nn.Module, train_set: Sequence, collate: Callable, loss_fn
     output_dir.mkdir(parents=True, exist_ok=True)
     if not len(train_set):
         raise ValueError("the training set is empty: check data.qa, data.train_size and the validation split")
-    precision = config.precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    if precision != "fp32" and not torch.cuda.is_available():
-        raise ValueError(f"train.precision={precision} needs a GPU; use fp32 (or auto) on CPU")
+    precision = resolve_precision(config.precision)
     # cpu=True on a machine without CUDA: otherwise accelerate leaves processes launched by torchrun unconnected
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available(),
                               mixed_precision={"fp32": "no"}.get(precision, precision))

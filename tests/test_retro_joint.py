@@ -226,12 +226,51 @@ def test_neighbours_are_encoded_only_up_to_the_highest_cca_layer(monkeypatch):
     ids = torch.randint(1, TINY_VOCAB, (2, 3 * M))
     nb = neighbours(2, 3)
     early = logits(model, ids, nb)
-    # the neighbour rows (length R) pass layers 0 and 1 only; the text (length 3m) passes every layer
-    assert widths[0] == widths[1] == [R, 3 * M] and widths[2] == widths[3] == [3 * M]
+    # the neighbour rows (length R) pass layer 0 only: layer 1 reads its input; the text (3m) passes every layer
+    assert widths[0] == [R, 3 * M] and widths[1] == widths[2] == widths[3] == [3 * M]
     monkeypatch.setattr(retro.model, "_stop_encoding", lambda module, args: None)
     full_depth = logits(model, ids, nb)
     assert widths[3] == [3 * M, R, 3 * M]  # the patched run did encode through every layer
     assert torch.equal(early, full_depth)
+
+
+def test_reused_neighbour_states_give_the_same_answers_and_encode_each_neighbour_once(monkeypatch):
+    import retro.model
+
+    model = joint(gate=2.0)
+    encoded = []
+    run = retro.model.RetroModel._run_neighbours
+    monkeypatch.setattr(retro.model.RetroModel, "_run_neighbours",
+                        lambda self, body, rows, captured: encoded.append(len(rows)) or run(self, body, rows, captured))
+    ids = torch.randint(1, TINY_VOCAB, (3, 2 * M))
+    nb = neighbours(3, 2)
+    swapped = nb[[2, 0, 1]]  # the shuffled control: the same neighbours, other rows
+    fresh = [logits(model, ids, nb), logits(model, ids, swapped)]
+    assert sum(encoded) == 2 * 3 * 2 * K
+    encoded.clear()
+    with retro.model.reusing_neighbours(model):
+        reused = [logits(model, ids, nb), logits(model, ids, swapped)]
+    assert encoded == [3 * 2 * K]  # the second pass found every neighbour kept
+    for want, got in zip(fresh, reused):
+        assert (want - got).abs().max().item() <= 1e-6
+    assert model._neighbour_states is None  # nothing is kept past the block
+    encoded.clear()
+    with retro.model.reusing_neighbours(model, max_bytes=0):  # no room: every pass encodes again
+        logits(model, ids, nb), logits(model, ids, nb)
+    assert sum(encoded) == 2 * 3 * 2 * K
+
+
+def test_neighbour_states_are_not_reused_where_gradients_flow():
+    import retro.model
+
+    model = joint(gate=2.0)
+    for p in model.base.parameters():
+        p.requires_grad_(True)  # a PEFT method that trains the decoder: its neighbour states change every step
+    ids, nb = torch.randint(1, TINY_VOCAB, (2, 2 * M)), neighbours(2, 2)
+    with retro.model.reusing_neighbours(model):
+        model(input_ids=ids, neighbours=nb).logits.sum().backward()
+        assert not model._neighbour_states.rows
+    assert any(p.grad is not None for p in retro.model.decoder_layers(model.base)[0].parameters())
 
 
 def test_a_shallow_neighbour_depth_runs_the_neighbours_through_its_prefix_only():
