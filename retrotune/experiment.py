@@ -126,9 +126,11 @@ def setup_of(config: RunConfig, evaluation_only: bool = False) -> dict:
     if config.model == "gpt":  # the GPT baseline reads chunk text only: of RETRO's fields, the chunk size counts
         values["retro"] = {"chunk_size": values["retro"].get("chunk_size")}
     if evaluation_only:
-        data = values["data"]
+        data, precision = values["data"], values["train"]["precision"]
         values = {k: values[k] for k in _EVALUATION_FIELDS}
         values["data"] = {k: data[k] for k in _EVALUATION_DATA}
+        if precision != "auto":  # evaluation computes in it (`auto` is fp32 on a CPU, as records before it were)
+            values["train"] = {"precision": precision}
     return json.loads(json.dumps(_flat(values), default=str))
 
 

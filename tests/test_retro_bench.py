@@ -16,7 +16,7 @@ def test_bench_retro_vs_gpt_tiny(capsys):
     assert table[0].split("|")[2:5] == [" qa ", " corpus-32 ", " generation "]
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")[1:]] for ln in table[1:]}
     assert list(rows) == ["base (ms)", "GPT + neighbours in prompt", "RETRO, separate", "RETRO, joint",
-                          "RETRO, joint, depth 2"]
+                          "RETRO, joint, states kept", "RETRO, joint, depth 2"]
     assert all(float(ms) > 0 for ms in rows["base (ms)"])
     assert rows["GPT + neighbours in prompt"][1] == "skipped (160 tokens > --gpt-max-tokens)"  # 32 + 4 chunks x 2 x 16
     rows["GPT + neighbours in prompt"].pop(1)

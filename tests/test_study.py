@@ -81,6 +81,12 @@ def test_study_config_runs_end_to_end_on_fixtures(tiny_setup, tmp_path):  # noqa
     with pytest.raises(ConfigError, match=r"zero-shot-retro.json was made with another setup "
                                           r"\(retro.neighbour_depth: None there, 1 now; retrofit.retro"):
         run_experiment(deeper, partial=True)
+    # a zero-shot row computes in the run's precision, so another precision is another setup
+    bf16 = ExperimentConfig(**{**values, "run": {**values["run"],
+                                                 "train": {**values["run"]["train"], "precision": "bf16"}}})
+    with pytest.raises(ConfigError, match=r"zero-shot-gpt_closed_book.json was made with another setup "
+                                          r"\(train.precision: None there, 'bf16' now\)"):
+        run_experiment(bf16, partial=True)
     row = tmp_path / "record" / "rows" / "gpt-ia3-nall-s0.json"
     kept = row.read_text()
     data = json.loads(kept)
