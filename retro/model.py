@@ -406,7 +406,8 @@ class RetroModel(nn.Module):
         keys_at = anchor[:, :, None, None] - R + torch.arange(R, device=dev)  # (B, c, 1, R)
         keys_at = keys_at.expand(B, c, K, R).reshape(-1, R)
         valid = (nb >= 0).reshape(B, c, K * R)
-        if valid.any():
+        reads = bool(valid.any())
+        if reads:
             projected = self._project_neighbours(nb, keys_at)
         else:  # nothing to read (the "none" control): keys and values every query masks out, no decoder pass
             dtype = self.get_input_embeddings().weight.dtype
@@ -418,7 +419,7 @@ class RetroModel(nn.Module):
             kv["v"] = v if not done else torch.cat([kv["v"], v], dim=1)
         state.encoded_valid = valid if not done else torch.cat([state.encoded_valid, valid], dim=1)
         state.neighbour_length, state.joint_chunks = R, finished
-        state.joint_reads = state.joint_reads or bool(valid.any())
+        state.joint_reads = state.joint_reads or reads
 
     def _project_neighbours(self, nb: torch.Tensor, keys_at: torch.Tensor) -> dict[int, tuple[torch.Tensor, ...]]:
         """nb (B, c, K, R) neighbour ids, keys_at (B*c*K, R) their positions -> each CCA layer's neighbour keys and
@@ -465,9 +466,10 @@ class RetroModel(nn.Module):
     @contextmanager
     def reusing_neighbours(self, max_bytes: int = 2 << 30):
         """Within the block, joint CCA runs each distinct neighbour through the decoder once and reuses its states
-        (up to `max_bytes` of them; past that, new neighbours are encoded each time). For forwards without
-        gradients over weights that do not change inside the block: an evaluation's passes, where the shuffled
-        control reads the same neighbours as the true pass. Other designs ignore it."""
+        (up to `max_bytes` of them; past that, new neighbours are encoded each time). For forwards in which the
+        decoder's weights neither change nor receive gradients: an evaluation's passes (the shuffled control reads
+        the true pass's neighbours), or a retro-fit, where only the added layers train. A forward where a decoder
+        weight requires a gradient (LoRA on its layers) encodes afresh. Other designs ignore it."""
         if self.config.attention != "joint":
             yield
             return
