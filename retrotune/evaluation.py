@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from retro import reusing_neighbours
 from retrotune.controls import CONTROLS, control_records
-from retrotune.precision import autocast
 from retrotune.metrics import exact_match, f1_score, predicted_letter, rouge, score_task
+from retrotune.precision import autocast
 from retrotune.tasks import get_task
 from retrotune.tasks.prompts import option_text
 
@@ -105,9 +105,9 @@ def evaluate_with_controls(qa, records: list[dict], out: Path, batch_size: int =
                            k: int | None = None, controls=CONTROLS, desc: str = "evaluate",
                            task: str = "squad_open", precision: str = "fp32") -> dict:
     """Scores with the true neighbours plus, under `controls`, the same questions with shuffled neighbours and with
-    none, computed in `precision` (`retrotune.precision`). Each evaluation writes `out/<true|control>/predictions.jsonl`
-    and `scores.json`; a score a previous run
-    left is read back, so an interrupted evaluation resumes. `retrieval_gain`: the task's score with the true
+    none, computed in `precision` (`retrotune.precision`). Each evaluation writes
+    `out/<true|control>/predictions.jsonl` and `scores.json`; a score a previous run left is read back, so an
+    interrupted evaluation resumes. `retrieval_gain`: the task's score with the true
     neighbours minus with shuffled ones (`retrieval_gain_f1` the same in F1, where the task has F1)."""
     def cached(folder: Path, recs: list[dict], label: str) -> dict:
         file = folder / "scores.json"

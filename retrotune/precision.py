@@ -1,8 +1,8 @@
 """Which number format a run computes in (`train.precision`), for training and evaluation alike.
 
 fp32 everywhere by default on a CPU; bf16 mixed precision (autocast: weights and optimiser state stay float32, matrix
-products run in bf16) on a GPU that supports it, or on a CPU with native bf16 (AVX512-BF16 or AMX), where it is
-several times faster than fp32. Elsewhere bf16 is emulated and slower, so it is refused there.
+products run in bf16) on a GPU that supports it, or on a CPU with native bf16 (AVX512-BF16 or AMX). Elsewhere bf16 is
+emulated and slower than fp32, so it is refused there.
 """
 from __future__ import annotations
 

@@ -119,8 +119,7 @@ def mean_loss(model, batches, keys, drop_neighbours: bool = False) -> float:
         if drop_neighbours:
             inputs["neighbours"] = torch.full_like(inputs["neighbours"], -1)
         tokens = int((inputs["labels"][:, 1:] != IGNORE).sum())
-        with torch.no_grad():
-            total += float(model(**inputs).loss) * tokens
+        total += float(model(**inputs).loss) * tokens
         count += tokens
     return total / max(count, 1)
 
