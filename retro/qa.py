@@ -27,6 +27,23 @@ from .generate import generate, positions_from_mask
 IGNORE = -100
 
 
+def labelled_loss(model, inputs: dict) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions `inputs["labels"]` scores (-100 elsewhere), as HF computes it
+    from `labels`, but with the vocabulary projection only from the first position that predicts a label on: in a
+    QA batch the answer is the last few tokens, and the projection of every prompt token would cost about a fifth
+    of a training step of SmolLM2 for logits nobody reads. Sequences scored throughout take HF's own path."""
+    labels = inputs["labels"]
+    scored = (labels[:, 1:] != IGNORE).any(0).nonzero()
+    first = int(scored[0]) if len(scored) else 0  # the first position whose next token is scored
+    if first == 0:
+        return model(**inputs).loss
+    kept = labels.shape[1] - first
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=kept).logits
+    targets = labels[:, first + 1:].to(logits.device)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                             targets.reshape(-1), ignore_index=IGNORE)
+
+
 def _field(example, name: str, default=None):
     if isinstance(example, Mapping):
         return example.get(name, default)
@@ -206,7 +223,7 @@ class RetroQA:
             raise ValueError("RetroQA.loss: the batch has no labels; encode examples that carry an `answer`")
         dev = self.model.get_input_embeddings().weight.device
         keys = ("input_ids", "attention_mask", "position_ids", "neighbours", "labels")
-        return self.model(**{k: batch[k].to(dev) for k in keys}).loss
+        return labelled_loss(self.model, {k: batch[k].to(dev) for k in keys})
 
     def answer_log_likelihood(self, batch: dict) -> torch.Tensor:
         return _answer_log_likelihood(self.model, batch, ("input_ids", "attention_mask", "position_ids",
@@ -245,7 +262,7 @@ class GPTQA:
             raise ValueError("GPTQA.loss: the batch has no labels; encode examples that carry an `answer`")
         dev = self.model.get_input_embeddings().weight.device
         keys = ("input_ids", "attention_mask", "position_ids", "labels")
-        return self.model(**{k: batch[k].to(dev) for k in keys}).loss
+        return labelled_loss(self.model, {k: batch[k].to(dev) for k in keys})
 
     def answer_log_likelihood(self, batch: dict) -> torch.Tensor:
         return _answer_log_likelihood(self.model, batch, ("input_ids", "attention_mask", "position_ids"))

@@ -99,7 +99,8 @@ class DataConfig:
     validation_fraction: float = 0.25  # share of articles held out when validation_groups is None
     validation_size: int | None = 64  # validation questions (loss during training, EM/F1 at evaluation)
     validation_generate: int = 32  # of those, how many are answered for EM/F1 at each validation during training
-    # of those, how many give the validation loss during training (spread evenly over them; None: all)
+    # of those, how many give the validation loss during training (spread evenly over them; None: all; 0: no
+    # validation during training, where the evaluation after it scores the same questions anyway)
     validation_loss_size: int | None = None
     sequence_chunks: int = 4  # retrofit: corpus sequences of this many chunks
     self_neighbour_rate: float = 0.0  # retrofit: share of chunks given themselves + continuation as first neighbour
@@ -112,8 +113,8 @@ class DataConfig:
     def __post_init__(self):
         _need(self.train_size is None or self.train_size >= 1, "data.train_size must be >= 1 or null (all)")
         _need(0 < self.validation_fraction < 1, "data.validation_fraction must be in (0, 1)")
-        _need(self.validation_loss_size is None or self.validation_loss_size >= 1,
-              "data.validation_loss_size must be >= 1 or null (all validation questions)")
+        _need(self.validation_loss_size is None or self.validation_loss_size >= 0,
+              "data.validation_loss_size must be >= 0 (0: no validation loss) or null (all validation questions)")
         _need(self.sequence_chunks >= 1, "data.sequence_chunks must be >= 1")
         _need(isinstance(self.self_neighbour_rate, (int, float)) and 0 <= self.self_neighbour_rate <= 1,
               f"data.self_neighbour_rate must be a number in [0, 1], got {self.self_neighbour_rate!r}")
@@ -168,6 +169,10 @@ class RunConfig:
               f"for its neighbours; raise prompt_budget (the shipped configs use 384)")
         _need(self.max_new_tokens is None or (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1),
               f"max_new_tokens must be a positive integer or null (the task's own), got {self.max_new_tokens!r}")
+        _need(not (self.stage == "finetune" and self.data.validation_loss_size == 0
+                   and self.train.early_stopping_patience is not None),
+              "train.early_stopping_patience watches the validation loss, which data.validation_loss_size: 0 switches "
+              "off; set validation_loss_size >= 1 or early_stopping_patience: null")
 
     @property
     def generation_length(self) -> int:

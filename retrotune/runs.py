@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from retrieval.integrity import files_under, seal_directory, verify_sealed
 from retro import reusing_neighbours
+from retro.qa import labelled_loss
 from retrotune.config import RunConfig
 from retrotune.controls import control_records, donors
 from retrotune.metrics import score_task
@@ -40,7 +41,7 @@ def make_loss(model_kind: str):
     keys = forward_keys(model_kind)
 
     def loss(model, batch):
-        return model(**{k: batch[k] for k in keys if k in batch}).loss
+        return labelled_loss(model, {k: batch[k] for k in keys if k in batch})
 
     return loss
 
@@ -119,7 +120,7 @@ def mean_loss(model, batches, keys, drop_neighbours: bool = False) -> float:
         if drop_neighbours:
             inputs["neighbours"] = torch.full_like(inputs["neighbours"], -1)
         tokens = int((inputs["labels"][:, 1:] != IGNORE).sum())
-        total += float(model(**inputs).loss) * tokens
+        total += float(labelled_loss(model, inputs)) * tokens
         count += tokens
     return total / max(count, 1)
 
@@ -141,6 +142,8 @@ def _spread(items: list, limit: int | None) -> list:
     """At most `limit` items taken evenly across the list, so every article of a validation split keeps a share."""
     if limit is None or limit >= len(items):
         return items
+    if limit == 0:
+        return []
     step = len(items) / limit
     return [items[int(i * step)] for i in range(limit)]
 
@@ -199,6 +202,8 @@ def train(config: RunConfig, model, tokenizer, retriever, identity: dict, qa=Non
                 row.update(val_em=scores["em"], val_f1=scores["f1"])
             return row
 
+        if not val_batches:
+            validate = None  # validation_loss_size 0: no validation during training
     run_config = {**config.to_dict(), **{key: identity[key] for key in ("index_hash",)}}
     retro_model = next((m for m in model.modules() if hasattr(m, "retro_parameter_groups")), None)
     named_groups = retro_model.retro_parameter_groups() if retro_model is not None else None

@@ -98,6 +98,31 @@ def test_only_owned_parameters_train(method, kind, family):
     assert changed <= owned, f"parameters outside the method changed: {sorted(changed - owned)[:5]}"
 
 
+@pytest.mark.parametrize("method,kind,family", CASES, ids=IDS)
+def test_answer_only_loss_is_the_full_loss(method, kind, family):
+    """The loss that projects only the positions predicting an answer gives HF's loss and gradients."""
+    from retro.qa import labelled_loss
+
+    model = pm.apply_peft(build_base(kind, family), method_config(method, kind))
+    perturb(model)
+    model.eval()  # no dropout: both losses see the same network; gradients flow all the same
+    inputs = batch(kind, seed=3)
+    inputs["labels"] = inputs["labels"].clone()
+    inputs["labels"][0, :7] = -100
+    inputs["labels"][1, :8] = -100  # scored from position 7 of the batch on: 3 of 10 positions projected
+    grads = []
+    for loss in (lambda: model(**inputs).loss, lambda: labelled_loss(model, inputs)):
+        model.zero_grad()
+        value = loss()
+        value.backward()
+        grads.append((value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (full, full_grads), (answer, answer_grads) = grads
+    torch.testing.assert_close(answer, full, rtol=1e-5, atol=1e-6)
+    assert answer_grads.keys() == full_grads.keys() and full_grads
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(answer_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("method,kind,family", [c for c in CASES if c[0] in ZERO_INIT],
                          ids=[i for c, i in zip(CASES, IDS) if c[0] in ZERO_INIT])
 def test_no_op_at_initialisation(method, kind, family):

@@ -84,6 +84,20 @@ def test_finetune_lowers_the_loss(tiny_setup, model, peft):
     assert 0 < summary["trainable_parameters"]["trainable"] <= summary["trainable_parameters"]["total"]
 
 
+def test_no_validation_during_training_when_its_loss_size_is_zero(tiny_setup):
+    from retrotune.cell import train_run
+    from retrotune.config import ConfigError, load_config
+
+    root, tokenizer = tiny_setup
+    config = _config(root, tokenizer, "llama", "retro", "finetune", {"method": "lora", "r": 4})
+    config.data.validation_loss_size, config.output_dir = 0, str(root / "no-validation")
+    train_run(config)
+    rows = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").open()]
+    assert len(rows) == 6 and not any(key.startswith("val_") for row in rows for key in row)
+    with pytest.raises(ConfigError, match="early_stopping_patience watches the validation loss"):
+        load_config(None, ["data.validation_loss_size=0", "train.early_stopping_patience=2"])
+
+
 def test_retrofit_then_finetune_from_it(tiny_setup):
     from retrotune.cell import load_trained, train_run
 
