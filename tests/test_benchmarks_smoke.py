@@ -127,3 +127,16 @@ def test_bench_peft_compares_lora_and_loretta_rep_inference_in_one_process(capsy
         assert rep > 0 and lora > 0
         if rep != lora:  # the verdict compares the unrounded medians
             assert verdict == ("met" if rep < lora else "missed"), out
+
+
+def test_bench_study_cell_times_both_losses_and_both_batch_sizes(capsys):
+    from benchmarks import bench_study_cell
+
+    assert bench_study_cell.main(["--tiny"]) == 0
+    steps, answering = (table(part) for part in capsys.readouterr().out.split("\n\n")[2:4])
+    assert [r[0] for r in steps[1]] == [r[0] for r in answering[1]] == ["GPT + neighbours in prompt", "RETRO"]
+    for row in steps[1]:
+        full, answer, ratio = float(row[2]), float(row[3]), float(row[4].rstrip("x"))
+        assert full > 0 and answer > 0 and ratio == pytest.approx(answer / full, abs=0.006)
+    assert answering[0][2:4] == ["batches of 4 (s)", "batches of 8 (s)"]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in answering[1])
