@@ -30,8 +30,9 @@ IGNORE = -100
 def labelled_loss(model, inputs: dict) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions `inputs["labels"]` scores (-100 elsewhere), as HF computes it
     from `labels`, but with the vocabulary projection only from the first position that predicts a label on: in a
-    QA batch the answer is the last few tokens, and the projection of every prompt token would cost about a fifth
-    of a training step of SmolLM2 for logits nobody reads. Sequences scored throughout take HF's own path."""
+    QA batch the answer is the last few tokens, and projecting every prompt token costs SmolLM2 about 15% of a
+    GPT + neighbours training step for logits nobody reads (`benchmarks/bench_study_cell.py`). Sequences scored
+    throughout take HF's own path."""
     labels = inputs["labels"]
     scored = (labels[:, 1:] != IGNORE).any(0).nonzero()
     first = int(scored[0]) if len(scored) else 0  # the first position whose next token is scored
