@@ -109,7 +109,7 @@ def test_answer_only_loss_is_the_full_loss(method, kind, family):
     inputs = batch(kind, seed=3)
     inputs["labels"] = inputs["labels"].clone()
     inputs["labels"][0, :7] = -100
-    inputs["labels"][1, :8] = -100  # scored from position 7 of the batch on: 3 of 10 positions projected
+    inputs["labels"][1, :8] = -100  # first scored label at position 7: 4 of 10 positions projected
     grads = []
     for loss in (lambda: model(**inputs).loss, lambda: labelled_loss(model, inputs)):
         model.zero_grad()
