@@ -12,7 +12,9 @@ Shapes:
   every chunk (fresh neighbours for the chunk just finished).
 Models: the frozen base on the text alone; RETRO with each design (`separate`: its own encoder and CCA blocks;
 `joint`: the decoder encodes the neighbours and every layer reads them; `joint, depth d`: the neighbours pass only
-the decoder's first d layers, `RetroConfig.neighbour_depth`; `joint, states kept`: joint CCA whose every neighbour
+the decoder's first d layers, `RetroConfig.neighbour_depth`; `joint, layers a-b, depth d`: joint CCA on layers a..b
+only, its neighbours through the first d layers, so the backward stops at layer a and the encoding at d (the cheap
+end of joint CCA); `joint, states kept`: joint CCA whose every neighbour
 was run through the frozen decoder before, inside `RetroModel.reusing_neighbours`, which is what joint CCA costs
 when a small database is read more than once, as over several epochs of a retro-fit: it reads exactly what
 `joint` reads); GPT with the same neighbour text in its prompt (for
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
@@ -37,6 +40,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import fmt, md_table  # noqa: E402
+from benchmarks.bench_reading_layers import describe, parse_layers  # noqa: E402
 from retro import RetroConfig, generate, prompt_part, qa_layout, retrofit  # noqa: E402
 
 
@@ -57,12 +61,17 @@ def load_model(tiny: bool):
 KEPT = "joint, states kept"  # joint CCA reading neighbours whose decoder states it computed before
 
 
-def designs(depths: list[int], n_layers: int) -> dict[str, dict]:
-    """RetroConfig fields of each design compared, by label."""
+def designs(depths: list[int], layer_sets: list[tuple[tuple[int, ...], int | None]], n_layers: int) -> dict[str, dict]:
+    """RetroConfig fields of each design compared, by label. `layer_sets`: (CCA layers, neighbour depth) pairs."""
     out = {"separate": {"attention": "separate"}, "joint": {"attention": "joint"}, KEPT: {"attention": "joint"}}
     for d in depths:
         if d < n_layers:
             out[f"joint, depth {d}"] = {"attention": "joint", "neighbour_depth": d}
+    for layers, depth in layer_sets:
+        if layers[-1] >= n_layers or (depth or 0) > n_layers:
+            raise ValueError(f"--layer-sets {describe(layers)}@{depth}: the decoder has {n_layers} layers")
+        label = f"joint, layers {describe(layers)}" + (f", depth {depth}" if depth else "")
+        out[label] = {"attention": "joint", "cca_layers": layers, "neighbour_depth": depth}
     return out
 
 
@@ -177,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default="qa,corpus-512,corpus-2048,generation",
                     help="shapes to measure (default qa,corpus-512,corpus-2048,generation)")
     ap.add_argument("--depths", default="4,8", help="neighbour depths of the `joint, depth d` designs (default 4,8)")
+    ap.add_argument("--layer-sets", help="joint CCA on some layers only, as bench_reading_layers writes them: "
+                                         "'20-29@20' is layers 20..29 reading neighbours that passed the first 20 "
+                                         "layers; sets separated by ';' (default 20-29@20; tiny 2-3@2; '' for none)")
+    ap.add_argument("--json", help="also write every ratio to this JSON file ({shape: {model: ratio}})")
     ap.add_argument("--k", type=int, default=2, help="neighbours per chunk (default 2)")
     ap.add_argument("--batch", type=int, default=2, help="questions per step in the qa shape (default 2)")
     ap.add_argument("--gen-chunks", type=int, help="chunks generated in the generation shape (default 3; tiny 2)")
@@ -205,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loaded {name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     n_layers = base.config.num_hidden_layers
     depths = [int(d) for d in args.depths.split(",") if d.strip()]
-    configs = designs(depths, n_layers)
+    spec = args.layer_sets if args.layer_sets is not None else ("2-3@2" if args.tiny else "20-29@20")
+    configs = designs(depths, parse_layers(spec) if spec.strip() else [], n_layers)
     models = {}
     for label, fields in configs.items():  # each design on its own copy of the base: they read through it
         model = retrofit(copy.deepcopy(base), RetroConfig(chunk_size=m, num_neighbours=args.k, **fields))
@@ -269,6 +283,12 @@ def report(models: dict, base, name: str, shapes: list[str], args, m: int, repea
     rows += [[who] + [f"{results[s][who] / results[s]['base']:.2f}x" if who in results[s] else skipped[s]
                       for s in shapes] for who in models_seen]
     print(md_table(["model"] + shapes, rows))
+    if args.json:
+        ratios = {s: {who: results[s][who] / results[s]["base"] for who in results[s] if who != "base"}
+                  for s in shapes}
+        Path(args.json).write_text(json.dumps({"model": name, "device": device, "unit": unit, "repeats": repeats,
+                                               "base_ms": {s: results[s]["base"] * 1e3 for s in shapes},
+                                               "ratios": ratios}, indent=1) + "\n")
     return 0
 
 
