@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
               f"400 evaluation questions, n = 400, 95% intervals over questions; RETRO + LoRA is seed 0 of "
               f"r = 8.\n")
     print(md_table(headers, rows))
-    for d in designs:
-        if d.get("note"):
-            print(f"\n- {d['label']}: {d['note']}")
+    notes = [f"- {d['label']}: {d['note']}" for d in designs if d.get("note")]
+    if notes:
+        print("\n" + "\n".join(notes))
     return 0
 
 
