@@ -129,6 +129,12 @@ def test_bench_peft_compares_lora_and_loretta_rep_inference_in_one_process(capsy
             assert verdict == ("met" if rep < lora else "missed"), out
 
 
+def half_unit(printed: str) -> float:
+    """Half a unit in the last printed digit of a number: how far rounding may have moved it."""
+    decimals = len(printed.partition(".")[2])
+    return 0.5 * 10 ** -decimals
+
+
 def test_bench_study_cell_times_both_losses_and_both_batch_sizes(capsys):
     from benchmarks import bench_study_cell
 
@@ -137,6 +143,12 @@ def test_bench_study_cell_times_both_losses_and_both_batch_sizes(capsys):
     assert [r[0] for r in steps[1]] == [r[0] for r in answering[1]] == ["GPT + neighbours in prompt", "RETRO"]
     for row in steps[1]:
         full, answer, ratio = float(row[2]), float(row[3]), float(row[4].rstrip("x"))
-        assert full > 0 and answer > 0 and ratio == pytest.approx(answer / full, abs=0.006)
+        assert full > 0 and answer > 0
+        # the times are printed to 3 significant figures and the ratio to 2 decimals, each from unrounded values:
+        # the ratio lies in what the printed times allow, widened by its own rounding
+        slack_full, slack_answer = half_unit(row[2]), half_unit(row[3])
+        low = (answer - slack_answer) / (full + slack_full) - 0.005
+        high = (answer + slack_answer) / (full - slack_full) + 0.005
+        assert low <= ratio <= high, (row, low, high)
     assert answering[0][2:4] == ["batches of 4 (s)", "batches of 8 (s)"]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in answering[1])
