@@ -69,7 +69,8 @@ def designs(depths: list[int], layer_sets: list[tuple[tuple[int, ...], int | Non
             out[f"joint, depth {d}"] = {"attention": "joint", "neighbour_depth": d}
     for layers, depth in layer_sets:
         if layers[-1] >= n_layers or (depth or 0) > n_layers:
-            raise ValueError(f"--layer-sets {describe(layers)}@{depth}: the decoder has {n_layers} layers")
+            spec = describe(layers) + (f"@{depth}" if depth else "")
+            raise ValueError(f"--layer-sets {spec}: the decoder has {n_layers} layers")
         label = f"joint, layers {describe(layers)}" + (f", depth {depth}" if depth else "")
         out[label] = {"attention": "joint", "cca_layers": layers, "neighbour_depth": depth}
     return out

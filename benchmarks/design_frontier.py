@@ -52,21 +52,20 @@ def load(folder: Path) -> dict:
     if missing:
         raise SystemExit(f"{where}: missing field(s) {missing}")
     record = ROOT / design["record"] if design.get("record") else folder
-    rows = {}
-    for name in ("zero-shot-retro", CELL):
-        path = record / "rows" / f"{name}.json"
+    needed = [record / "retrofit.json"] + [record / "rows" / f"{name}.json" for name in ("zero-shot-retro", CELL)]
+    for path in needed:
         if not path.is_file():
             raise SystemExit(f"{path}: missing; run the design's experiment (see {where}) to record it")
-        rows[name] = read_record(path)[1]
-    retrofit = json.loads((record / "retrofit.json").read_text())
+    retrofit = json.loads(needed[0].read_text())
+    rows = {path.stem: read_record(path)[1] for path in needed[1:]}
     return {**design, "folder": folder.name, "record_dir": record.resolve(), "rows": rows, "retrofit": retrofit}
 
 
 def gain(questions: dict) -> tuple[float, float, float]:
-    """Mean retrieval gain (true minus shuffled F1) and its 95% interval."""
-    diff = vector(questions, "true", "f1") - vector(questions, "shuffled", "f1")
-    low, high = stats.interval(diff)
-    return float(diff.mean()), low, high
+    """Retrieval gain (true minus shuffled F1, paired per question, as the study's tables compute it) and its 95%
+    interval."""
+    result = stats.paired(vector(questions, "true", "f1"), vector(questions, "shuffled", "f1"))
+    return result.difference, result.low, result.high
 
 
 def signed(value: float, low: float, high: float) -> str:
